@@ -1,0 +1,31 @@
+# Quick start: `make demo` runs the main job, `make test` runs the test suite.
+# Both build .venv first if it is missing (pinned CPU build of torch).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev,bench,progress]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/apical demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/apical bench digits
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

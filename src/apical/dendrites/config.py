@@ -1,0 +1,215 @@
+"""Configuration of dendritic training: one validated, immutable-by-convention dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+MODES = ("pb", "gd", "none")
+ACTIVATIONS = ("sigmoid", "tanh", "relu")
+NORMALISERS = ("error", "pearson")
+CENTRING = ("batch", "epoch")
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class DendriteConfig:
+    """Everything that decides how dendrites are added and trained.
+
+    Every field has a default; values are checked when the object is created, and a wrong
+    value raises ``ValueError`` naming the field and what it accepts.
+    """
+
+    mode: str = "pb"
+    """"pb": correlation-trained, perforated dendrites; "gd": dendrites trained jointly by
+    gradient descent (the reference library's open variant); "none": no dendrites, the
+    controller acts as plain early stopping."""
+
+    activation: str = "sigmoid"
+    """Dendrite non-linearity: "sigmoid", "tanh" or "relu"."""
+
+    candidates: int = 4
+    """Candidate dendrites trained per neuron per cycle ("pb"); the best-correlated one per
+    neuron is installed."""
+
+    max_dendrites: int = 3
+    """Most dendrite sets installed in a layer; training ends when this many are kept."""
+
+    patience: int = 10
+    """Neuron phase: epochs without improvement of the validation score before switching."""
+
+    dendrite_patience: int = 4
+    """Dendrite phase: epochs without a relative ``dendrite_improvement`` gain of the
+    candidates' correlation score before they are installed."""
+
+    dendrite_improvement: float = 0.02
+    """Dendrite phase: relative gain of the summed best-candidate correlation that counts as
+    progress."""
+
+    max_dendrite_epochs: int = 30
+    """Dendrite phase: hard cap on its length in epochs."""
+
+    min_dendrite_epochs: int = 2
+    """Dendrite phase: shortest length in epochs (the statistics of the first epoch are
+    gathered while the candidates move fastest)."""
+
+    improvement_threshold: float | Sequence[float] = (1e-3, 1e-4, 0.0)
+    """Relative improvement of the validation score that counts as progress; a sequence is
+    indexed by the number of installed dendrite sets (the last entry repeats)."""
+
+    improvement_threshold_raw: float = 1e-5
+    """Absolute floor: an improvement must also exceed this amount."""
+
+    max_tries: int = 2
+    """Tries per dendrite set: a set that does not beat the previous architecture is removed
+    and fresh candidates are trained, at most this many times in all."""
+
+    init_scale: float = 1.0
+    """Candidate input weights start as ``randn * init_scale / sqrt(fan_in)``."""
+
+    output_init: float = 0.0
+    """Initial dendrite-to-neuron weight of a new set. 0 keeps the network's function
+    exactly at insertion; a positive value starts ``v = -sign(corr) * output_init``
+    (Cascade-Correlation's signed start, "pb" only)."""
+
+    normaliser: str = "error"
+    """Correlation normaliser: "error" divides the covariance by the error's standard
+    deviation (Cascade-Correlation); "pearson" also by the candidate's (a true correlation)."""
+
+    centring: str = "batch"
+    """How the error is centred in the candidates' gradient: by the mean of the current
+    mini-batch ("batch") or the running mean of the epoch so far ("epoch")."""
+
+    include: Sequence[str | type[nn.Module]] | None = None
+    """Which modules get dendrites: module types, exact names, or regular expressions over
+    ``model.named_modules()`` names. ``None`` wraps every Linear, Conv1d, Conv2d, Conv3d."""
+
+    exclude: Sequence[str | type[nn.Module]] = field(default_factory=tuple)
+    """Modules never wrapped, in the same forms as ``include``."""
+
+    seed: int | None = None
+    """Seed for candidate and dendrite initialisation (a private generator); ``None`` draws
+    from torch's global generator."""
+
+    def __post_init__(self) -> None:
+        self._check_choice("mode", MODES)
+        self._check_choice("activation", ACTIVATIONS)
+        self._check_choice("normaliser", NORMALISERS)
+        self._check_choice("centring", CENTRING)
+        for name in ("candidates", "max_tries", "max_dendrite_epochs", "min_dendrite_epochs"):
+            self._check_int(name, minimum=1)
+        for name in ("max_dendrites", "patience", "dendrite_patience"):
+            self._check_int(name, minimum=0)
+        if self.min_dendrite_epochs > self.max_dendrite_epochs:
+            raise ValueError(
+                f"DendriteConfig.min_dendrite_epochs ({self.min_dendrite_epochs}) exceeds "
+                f"max_dendrite_epochs ({self.max_dendrite_epochs})"
+            )
+        for name in ("init_scale",):
+            self._check_float(name, positive=True)
+        for name in ("output_init", "improvement_threshold_raw", "dendrite_improvement"):
+            self._check_float(name, positive=False)
+        thr = self.improvement_threshold
+        values = [thr] if isinstance(thr, (int, float)) else list(thr)
+        if not values or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0) for v in values
+        ):
+            raise ValueError(
+                "DendriteConfig.improvement_threshold must be a non-negative number or a non-empty "
+                f"sequence of them, got {thr!r}"
+            )
+        if self.include is not None:
+            if isinstance(self.include, (str, type)):
+                raise ValueError(
+                    "DendriteConfig.include must be a sequence, e.g. include=['fc1'] or [nn.Linear]"
+                )
+            self.include = tuple(self.include)
+            if not self.include:
+                raise ValueError("DendriteConfig.include is empty: pass None to wrap the default types")
+            self._check_selectors("include")
+        if isinstance(self.exclude, (str, type)):
+            raise ValueError("DendriteConfig.exclude must be a sequence, e.g. exclude=['head']")
+        self.exclude = tuple(self.exclude)
+        self._check_selectors("exclude")
+
+    # validation helpers -----------------------------------------------------------------
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"DendriteConfig.{name} must be one of {choices}, got {value!r}")
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"DendriteConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+    def _check_float(self, name: str, positive: bool) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        ok = ok and (value > 0 if positive else value >= 0) and value != float("inf")
+        if not ok:
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(f"DendriteConfig.{name} must be a finite number {bound}, got {value!r}")
+
+    def _check_selectors(self, name: str) -> None:
+        for sel in getattr(self, name):
+            if isinstance(sel, type) and issubclass(sel, nn.Module):
+                continue
+            if isinstance(sel, str):
+                try:
+                    re.compile(sel)
+                except re.error as err:
+                    raise ValueError(f"DendriteConfig.{name}: {sel!r} is not a valid regex ({err})") from None
+                continue
+            raise ValueError(
+                f"DendriteConfig.{name} entries must be nn.Module types or strings, got {sel!r}"
+            )
+
+    # derived values -----------------------------------------------------------------------
+    def threshold_for(self, dendrites: int) -> float:
+        """The relative improvement threshold in force with ``dendrites`` sets installed."""
+        thr = self.improvement_threshold
+        if isinstance(thr, (int, float)):
+            return float(thr)
+        values = list(thr)
+        return float(values[min(dendrites, len(values) - 1)])
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly copy (module types are written by qualified name)."""
+        out = dataclasses.asdict(self)
+        for key in ("include", "exclude"):
+            if out[key] is not None:
+                out[key] = [s if isinstance(s, str) else f"type:{s.__module__}.{s.__qualname__}"
+                            for s in out[key]]
+        if not isinstance(out["improvement_threshold"], (int, float)):
+            out["improvement_threshold"] = list(out["improvement_threshold"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DendriteConfig:
+        """Inverse of :meth:`to_dict` for types from ``torch.nn``; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"DendriteConfig: unknown field(s) {sorted(unknown)}")
+        data = dict(data)
+        for key in ("include", "exclude"):
+            if data.get(key) is not None:
+                data[key] = [_resolve_type(s) if s.startswith("type:") else s for s in data[key]]
+        return cls(**data)
+
+
+def _resolve_type(spec: str) -> type[nn.Module]:
+    path = spec[len("type:"):]
+    module_name, _, qual = path.rpartition(".")
+    if not module_name.startswith("torch.nn"):
+        raise ValueError(f"DendriteConfig: cannot restore module type {path!r}; only torch.nn types")
+    obj = getattr(nn, qual, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"DendriteConfig: unknown module type {path!r}")
+    return obj

@@ -1,0 +1,169 @@
+"""The dendrite phase's objective: per-neuron correlation of candidates with the neuron's error.
+
+For a neuron j with error ``delta_j = dL/dz_j`` and a candidate c with output ``a_{c,j}``, the
+epoch statistic is the covariance over every observation p of the epoch (every sample, and
+every position for convolutions or sequences)::
+
+    cov_{c,j} = mean_p (a_{c,j,p} - mean a)(delta_{j,p} - mean delta)
+
+scored as ``|cov| / std(delta)`` ("error" normaliser, Cascade-Correlation's) or
+``|cov| / (std(a) std(delta))`` ("pearson"). The statistics are running, shifted sums in
+float64, so memory grows with candidates x neurons, never with the epoch's length.
+
+The candidates learn inside the user's own ``loss.backward()``: the layer's output passes
+through :func:`correlation_tap`, an identity in the forward pass whose backward reads the
+neuron's error, updates the statistics, and hands the candidates the gradient of
+``-sign(cov) * normalised covariance`` on the current mini-batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from apical.dendrites.layer import DendriticLayer
+
+_EPS = 1e-12
+
+
+class CorrelationStats:
+    """Running sums for ``C`` candidates x ``O`` neurons of one layer (float64, shifted)."""
+
+    FIELDS = ("s_a", "s_d", "s_ad", "s_aa", "s_dd")
+
+    def __init__(self, candidates: int, neurons: int) -> None:
+        self.candidates = candidates
+        self.neurons = neurons
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the epoch so far (the shift values are re-taken from the next batch)."""
+        self.n = 0.0
+        self.shift_a: Tensor | None = None
+        self.shift_d: Tensor | None = None
+        self.s_a = self.s_d = self.s_ad = self.s_aa = self.s_dd = None
+
+    @property
+    def empty(self) -> bool:
+        return self.n == 0
+
+    def accumulate(self, a: Tensor, d: Tensor, layer: DendriticLayer) -> None:
+        """Add one mini-batch: ``a`` in stack layout ``[.., C, O, ..]``, ``d`` like the output."""
+        with torch.no_grad():
+            a = a.detach().float() if a.dtype in (torch.float16, torch.bfloat16) else a.detach()
+            d = d.detach().to(a.dtype)
+            dims_a = layer.observation_dims(True, a.dim())
+            dims_d = layer.observation_dims(False, d.dim())
+            if self.shift_a is None:
+                self.shift_a = a.mean(dims_a)
+                self.shift_d = d.mean(dims_d)
+                c, o, dev = self.candidates, self.neurons, a.device
+                f64 = {"device": dev, "dtype": torch.float64}
+                self.s_a, self.s_aa, self.s_ad = (torch.zeros(c, o, **f64) for _ in range(3))
+                self.s_d, self.s_dd = (torch.zeros(o, **f64) for _ in range(2))
+            ac = a - layer._chan(self.shift_a)
+            dc = d - layer._chan(self.shift_d)
+            self.s_a += ac.sum(dims_a).double()
+            self.s_aa += (ac * ac).sum(dims_a).double()
+            self.s_d += dc.sum(dims_d).double()
+            self.s_dd += (dc * dc).sum(dims_d).double()
+            self.s_ad += torch.einsum(layer.stats_equation, ac, dc).double()
+            self.n += float(d.numel() // self.neurons)
+
+    # moments of the epoch so far -------------------------------------------------------
+    def moments(self) -> dict[str, Tensor]:
+        """Means, variances and covariance (float64) of everything accumulated."""
+        if self.empty:
+            raise RuntimeError(
+                "no correlation statistics were gathered: train at least one batch in the "
+                "dendrite phase (model.train(), loss.backward()) before calling step()"
+            )
+        n = self.n
+        ma, md = self.s_a / n, self.s_d / n
+        return {
+            "mean_a": self.shift_a.double() + ma,
+            "mean_d": self.shift_d.double() + md,
+            "var_a": (self.s_aa / n - ma * ma).clamp_min(0),
+            "var_d": (self.s_dd / n - md * md).clamp_min(0),
+            "cov": self.s_ad / n - ma * md,
+        }
+
+    def scores(self, normaliser: str = "error") -> Tensor:
+        """``[C, O]`` score of each candidate for each neuron (higher is better)."""
+        m = self.moments()
+        score = m["cov"].abs() / m["var_d"].sqrt().clamp_min(_EPS)
+        if normaliser == "pearson":
+            score = score / m["var_a"].sqrt().clamp_min(_EPS)
+        return score
+
+    def signs(self) -> Tensor:
+        """``[C, O]`` sign of each candidate's covariance with its neuron's error."""
+        cov = self.moments()["cov"]
+        return torch.where(cov >= 0, 1.0, -1.0).to(torch.float64)
+
+    # state for distributed reduction ------------------------------------------------------
+    def flat(self) -> Tensor:
+        """Everything summable as one float64 vector: n, then the sums (shift included)."""
+        parts = [torch.tensor([self.n], dtype=torch.float64, device=self.s_a.device)]
+        parts += [getattr(self, k).reshape(-1) for k in self.FIELDS]
+        return torch.cat(parts)
+
+    def load_flat(self, flat: Tensor) -> None:
+        self.n = float(flat[0])
+        i = 1
+        for k in self.FIELDS:
+            t = getattr(self, k)
+            setattr(self, k, flat[i : i + t.numel()].view_as(t).clone())
+            i += t.numel()
+
+    # the candidates' gradient -----------------------------------------------------------
+    def gradient(self, a: Tensor, d: Tensor, layer: DendriticLayer) -> Tensor:
+        """d(-objective)/da for this mini-batch, in ``a``'s shape and dtype."""
+        with torch.no_grad():
+            m = self.moments()
+            work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+            af, df = a.detach().to(work), d.detach().to(work)
+            dims_d = layer.observation_dims(False, df.dim())
+            nb = df.numel() // self.neurons
+            mu_d = df.mean(dims_d) if layer.centring == "batch" else m["mean_d"].to(work)
+            sd_d = m["var_d"].sqrt().clamp_min(_EPS)
+            sign = torch.where(m["cov"] >= 0, 1.0, -1.0).to(torch.float64)
+            dc = (df - layer._chan(mu_d)).unsqueeze(layer.set_axis % a.dim())
+            if layer.normaliser == "pearson":
+                sd_a = m["var_a"].sqrt().clamp_min(_EPS)
+                r = m["cov"] / (sd_a * sd_d)
+                coef_d = (-sign / (nb * sd_a * sd_d)).to(work)
+                coef_a = (sign * r / (nb * sd_a * sd_a)).to(work)
+                grad = layer._chan(coef_d) * dc + layer._chan(coef_a) * (af - layer._chan(m["mean_a"].to(work)))
+            else:
+                coef = (-sign / (nb * sd_d)).to(work)
+                grad = layer._chan(coef) * dc
+            return grad.expand_as(af).to(a.dtype)
+
+
+class _CorrelationTap(torch.autograd.Function):
+    """Identity on z; its backward turns the error at z into the candidates' gradient."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, a: Tensor, layer: DendriticLayer) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a)
+        ctx.layer = layer
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor):  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        layer = ctx.layer
+        stats = layer.stats
+        if stats is None:  # candidates were dropped between forward and backward
+            return grad_z, None, None
+        stats.accumulate(a, grad_z, layer)
+        return grad_z, stats.gradient(a, grad_z, layer), None
+
+
+def correlation_tap(z: Tensor, a: Tensor, layer: DendriticLayer) -> Tensor:
+    """Return ``z`` unchanged, attaching the candidates' correlation objective to its backward."""
+    return _CorrelationTap.apply(z, a, layer)

@@ -1,0 +1,327 @@
+"""Dendritic layers: a wrapped Linear or ConvNd plus stacks of dendrites per output neuron.
+
+Layout. A layer with ``O`` neurons (output features / channels) holds ``D`` installed dendrite
+sets and, during a dendrite phase, ``C`` candidate sets. Per-set tensors are stacked on a
+leading axis: input weights ``[K, O, *w]`` (``*w`` = the wrapped weight's shape after its
+output axis), biases ``[K, O]``. All K sets of a layer are evaluated by ONE matmul or
+convolution over their concatenated weights; the result is viewed as a "stack" tensor with a
+set axis just before the neuron axis: ``[..., K, O]`` for Linear, ``[N, K, O, *spatial]`` for
+ConvNd. Only the per-channel cascade between a neuron's own dendrites is sequential.
+
+    a_k = f(D_k(x) + sum_{e<k} u[k, e] * a_e)        z = M(x) + sum_k v[k] * a_k
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apical.dendrites.correlation import CorrelationStats, correlation_tap
+
+ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+}
+
+
+class DendriticLayer(nn.Module):
+    """Base class of a wrapped module with dendrites. ``self.base`` is the original module.
+
+    Subclasses say how a stack of K weight copies is applied to an input (``_stack_forward``)
+    and where the set and neuron axes live (``_chan``).
+    """
+
+    #: axis of the set dimension in a stack tensor (negative for Linear, 1 for conv)
+    set_axis: int = 1
+
+    def __init__(self, base: nn.Module, activation: str = "sigmoid") -> None:
+        super().__init__()
+        self.base = base
+        weight = base.weight
+        self.out_channels = int(weight.shape[0])
+        self.weight_tail = tuple(weight.shape[1:])
+        self.activation = activation
+        self.perforated = True  # pb: dendrites read x.detach() and are frozen in the neuron phase
+        self.normaliser = "error"
+        self.centring = "batch"
+        self.train_forwards = 0  # training forward passes since the controller last looked
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        o = self.out_channels
+        self.dendrite_weight = nn.Parameter(torch.empty(0, o, *self.weight_tail, **factory), False)
+        self.dendrite_bias = nn.Parameter(torch.empty(0, o, **factory), False)
+        self.dendrite_cascade = nn.Parameter(torch.empty(0, 0, o, **factory), False)
+        self.dendrite_out = nn.Parameter(torch.empty(0, o, **factory))
+        self.register_parameter("candidate_weight", None)
+        self.register_parameter("candidate_bias", None)
+        self.register_parameter("candidate_cascade", None)
+        self.stats: CorrelationStats | None = None
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_dendrites(self) -> int:
+        """Installed dendrite sets."""
+        return int(self.dendrite_weight.shape[0])
+
+    @property
+    def num_candidates(self) -> int:
+        """Candidate sets being trained (0 outside a dendrite phase)."""
+        return 0 if self.candidate_weight is None else int(self.candidate_weight.shape[0])
+
+    @property
+    def fan_in(self) -> int:
+        return int(math.prod(self.weight_tail))
+
+    def _factory(self) -> dict:
+        w = self.base.weight
+        return {"device": w.device, "dtype": w.dtype}
+
+    def _random_sets(self, k: int, scale: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Fresh input weights and biases for k sets: randn * scale / sqrt(fan_in)."""
+        o = self.out_channels
+        std = scale / math.sqrt(max(self.fan_in, 1))
+        w = torch.randn(k, o, *self.weight_tail, generator=generator) * std
+        b = torch.randn(k, o, generator=generator) * std
+        f = self._factory()
+        return w.to(**f), b.to(**f)
+
+    def resize(self, dendrites: int, candidates: int = 0) -> None:
+        """Set the structure to ``dendrites`` installed sets and ``candidates`` candidate sets,
+        with zero-filled values: used to replay a recorded structure before loading weights."""
+        o, f = self.out_channels, self._factory()
+        d = dendrites
+        self.dendrite_weight = nn.Parameter(torch.zeros(d, o, *self.weight_tail, **f), False)
+        self.dendrite_bias = nn.Parameter(torch.zeros(d, o, **f), False)
+        self.dendrite_cascade = nn.Parameter(torch.zeros(d, d, o, **f), False)
+        self.dendrite_out = nn.Parameter(torch.zeros(d, o, **f))
+        if candidates:
+            self.candidate_weight = nn.Parameter(torch.zeros(candidates, o, *self.weight_tail, **f))
+            self.candidate_bias = nn.Parameter(torch.zeros(candidates, o, **f))
+            self.candidate_cascade = nn.Parameter(torch.zeros(candidates, d, o, **f))
+            self.stats = CorrelationStats(candidates, o)
+        else:
+            self.drop_candidates()
+
+    def add_candidates(self, count: int, init_scale: float, generator: torch.Generator | None = None) -> None:
+        """Create ``count`` fresh candidate sets (dendrite phase) and empty statistics."""
+        w, b = self._random_sets(count, init_scale, generator)
+        f = self._factory()
+        self.candidate_weight = nn.Parameter(w)
+        self.candidate_bias = nn.Parameter(b)
+        self.candidate_cascade = nn.Parameter(torch.zeros(count, self.num_dendrites, self.out_channels, **f))
+        self.stats = CorrelationStats(count, self.out_channels)
+
+    def drop_candidates(self) -> None:
+        self.candidate_weight = None
+        self.candidate_bias = None
+        self.candidate_cascade = None
+        self.stats = None
+
+    def _append_set(self, w: Tensor, b: Tensor, u: Tensor, v: Tensor) -> None:
+        """Append one set: w [O, *w], b [O], u [D, O] cascade from the installed sets, v [O]."""
+        d, o = self.num_dendrites, self.out_channels
+        casc = torch.zeros(d + 1, d + 1, o, **self._factory())
+        casc[:d, :d] = self.dendrite_cascade.detach()
+        casc[d, :d] = u.detach()
+        self.dendrite_weight = nn.Parameter(torch.cat([self.dendrite_weight.detach(), w.detach()[None]]), False)
+        self.dendrite_bias = nn.Parameter(torch.cat([self.dendrite_bias.detach(), b.detach()[None]]), False)
+        self.dendrite_cascade = nn.Parameter(casc, False)
+        self.dendrite_out = nn.Parameter(torch.cat([self.dendrite_out.detach(), v.detach()[None]]))
+
+    def install_random(self, init_scale: float, generator: torch.Generator | None = None) -> None:
+        """Append a randomly initialised set with v = 0 ("gd" mode): the function is unchanged."""
+        w, b = self._random_sets(1, init_scale, generator)
+        zeros = torch.zeros(self.num_dendrites, self.out_channels, **self._factory())
+        self._append_set(w[0], b[0], zeros, torch.zeros(self.out_channels, **self._factory()))
+
+    def candidate_scores(self) -> Tensor:
+        """Per candidate and neuron correlation score of the epoch so far, ``[C, O]`` float64."""
+        if self.stats is None:
+            raise RuntimeError("this layer has no candidates: it is not in a dendrite phase")
+        return self.stats.scores(self.normaliser)
+
+    def install_best(self, scores: Tensor, output_init: float = 0.0, signs: Tensor | None = None) -> Tensor:
+        """Install, for each neuron, the candidate with the highest score; drop the others.
+
+        Returns the chosen candidate index per neuron. With ``output_init > 0`` the new
+        dendrite-to-neuron weight starts at ``-sign(cov) * output_init``.
+        """
+        if self.candidate_weight is None:
+            raise RuntimeError("this layer has no candidates to install")
+        o = self.out_channels
+        best = scores.argmax(dim=0).to(self.candidate_weight.device)  # [O]
+        cols = torch.arange(o, device=best.device)
+        w = self.candidate_weight.detach()[best, cols]
+        b = self.candidate_bias.detach()[best, cols]
+        u = self.candidate_cascade.detach()[best, :, cols].transpose(0, 1)  # [D, O]
+        v = torch.zeros(o, **self._factory())
+        if output_init > 0 and signs is not None:
+            v = -signs.to(v)[best.cpu(), cols.cpu()].to(v.device) * output_init
+        self._append_set(w, b, u, v)
+        self.drop_candidates()
+        return best
+
+    def remove_last(self) -> None:
+        """Remove the most recently installed set (keep-or-revert)."""
+        d = self.num_dendrites
+        if d == 0:
+            raise RuntimeError("no dendrite set to remove")
+        self.dendrite_weight = nn.Parameter(self.dendrite_weight.detach()[: d - 1].clone(), False)
+        self.dendrite_bias = nn.Parameter(self.dendrite_bias.detach()[: d - 1].clone(), False)
+        self.dendrite_cascade = nn.Parameter(self.dendrite_cascade.detach()[: d - 1, : d - 1].clone(), False)
+        self.dendrite_out = nn.Parameter(self.dendrite_out.detach()[: d - 1].clone())
+
+    def set_training_mode(self, phase: str, perforated: bool) -> None:
+        """Set which of this layer's own dendrite tensors train in ``phase``."""
+        self.perforated = perforated
+        inputs_train = phase == "neuron" and not perforated
+        for p in (self.dendrite_weight, self.dendrite_bias, self.dendrite_cascade):
+            p.requires_grad_(inputs_train)
+        self.dendrite_out.requires_grad_(phase == "neuron")
+        for p in (self.candidate_weight, self.candidate_bias, self.candidate_cascade):
+            if p is not None:
+                p.requires_grad_(phase == "dendrite")
+
+    # ------------------------------------------------------------------ forward
+    def _stack_forward(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _chan(self, p: Tensor) -> Tensor:
+        """View a per-channel tensor ``[..., O]`` so it broadcasts against a stack tensor."""
+        raise NotImplementedError
+
+    def _cascade(self, pre: Tensor, cascade: Tensor) -> Tensor:
+        """Installed dendrites' activations from their pre-activations (stack layout)."""
+        act = ACTIVATION_FNS[self.activation]
+        d = pre.shape[self.set_axis]
+        if d == 1:
+            return act(pre)
+        outs: list[Tensor] = []
+        for k in range(d):  # the per-channel cascade is the only sequential part
+            h = pre.select(self.set_axis, k)
+            if k:
+                prev = torch.stack(outs, self.set_axis)
+                h = h + (self._chan(cascade[k, :k]) * prev).sum(self.set_axis)
+            outs.append(act(h))
+        return torch.stack(outs, self.set_axis)
+
+    def dendrite_activations(self, x: Tensor) -> Tensor:
+        """Installed dendrites' outputs ``a`` in stack layout (with or without grad, per mode)."""
+        xin = x.detach() if self.perforated else x
+        grad = torch.is_grad_enabled() and not self.perforated
+        with torch.set_grad_enabled(grad):
+            pre = self._stack_forward(xin, self.dendrite_weight, self.dendrite_bias)
+            return self._cascade(pre, self.dendrite_cascade)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.base(x)
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self.train_forwards += 1
+        d, c = self.num_dendrites, self.num_candidates
+        if d == 0 and c == 0:
+            return z
+        a = None
+        if d:
+            a = self.dendrite_activations(x)
+            z = z + (self._chan(self.dendrite_out) * a).sum(self.set_axis)
+        if c and training:
+            pre = self._stack_forward(x.detach(), self.candidate_weight, self.candidate_bias)
+            if d:
+                a_const = a.detach()
+                # candidate c gets sum_e u[c, e] * a_e, per neuron: [C, D, O] x stack[D, O]
+                pre = pre + self._cascade_into_candidates(a_const)
+            a_c = ACTIVATION_FNS[self.activation](pre)
+            z = correlation_tap(z, a_c, self)
+        return z
+
+    #: einsum adding the installed dendrites' outputs [stack D] into candidates [stack C]
+    cascade_equation = ""
+    #: einsum summing candidate output x neuron error over observations into [C, O]
+    stats_equation = ""
+
+    def _cascade_into_candidates(self, a: Tensor) -> Tensor:
+        return torch.einsum(self.cascade_equation, a, self.candidate_cascade)
+
+    # ------------------------------------------------------------------ statistics hooks
+    def observation_dims(self, stacked: bool, ndim: int) -> tuple[int, ...]:
+        """Dims of a stack (``stacked``) or output tensor that index observations."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"dendrites={self.num_dendrites}, candidates={self.num_candidates}, "
+                f"activation={self.activation}, perforated={self.perforated}")
+
+
+class DendriticLinear(DendriticLayer):
+    """Dendrites for ``nn.Linear``; inputs of any shape ``[..., in_features]``."""
+
+    set_axis = -2
+    cascade_equation = "...do,cdo->...co"
+    stats_equation = "...co,...o->co"
+
+    def _stack_forward(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        k, o = weight.shape[0], weight.shape[1]
+        y = F.linear(x, weight.reshape(k * o, -1), bias.reshape(k * o))
+        return y.unflatten(-1, (k, o))
+
+    def _chan(self, p: Tensor) -> Tensor:
+        return p
+
+    def observation_dims(self, stacked: bool, ndim: int) -> tuple[int, ...]:
+        return tuple(range(ndim - (2 if stacked else 1)))
+
+
+class DendriticConv(DendriticLayer):
+    """Dendrites for ``nn.Conv1d/2d/3d`` (grouped and depthwise included); the set axis is 1."""
+
+    set_axis = 1
+    cascade_equation = "ndo...,cdo->nco..."
+    stats_equation = "nco...,no...->co"
+
+    def __init__(self, base: nn.Module, activation: str = "sigmoid") -> None:
+        super().__init__(base, activation)
+        self.spatial = len(base.kernel_size)
+        self.groups = int(base.groups)
+
+    def _stack_forward(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        k, o, g = weight.shape[0], weight.shape[1], self.groups
+        # the conv assigns output channels to groups in contiguous blocks: interleave sets per group
+        w = weight.unflatten(1, (g, o // g)).transpose(0, 1).reshape(k * o, *weight.shape[2:])
+        b = bias.unflatten(1, (g, o // g)).transpose(0, 1).reshape(k * o)
+        y = self.base._conv_forward(x, w, b)
+        n, sp = y.shape[0], y.shape[2:]
+        return y.unflatten(1, (g, k, o // g)).transpose(1, 2).reshape(n, k, o, *sp)
+
+    def _chan(self, p: Tensor) -> Tensor:
+        return p.reshape(*p.shape, *([1] * self.spatial))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == self.spatial + 1:  # unbatched input
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
+
+    def observation_dims(self, stacked: bool, ndim: int) -> tuple[int, ...]:
+        first = 3 if stacked else 2
+        return (0, *range(first, ndim))
+
+
+#: dispatcher: wrapped type -> dendritic layer class (looked up along the type's MRO)
+LAYER_TYPES: dict[type[nn.Module], type[DendriticLayer]] = {
+    nn.Linear: DendriticLinear,
+    nn.Conv1d: DendriticConv,
+    nn.Conv2d: DendriticConv,
+    nn.Conv3d: DendriticConv,
+}
+
+
+def layer_class_for(module: nn.Module) -> type[DendriticLayer] | None:
+    """The dendritic layer class that can wrap ``module``, or None."""
+    for cls in type(module).__mro__:
+        if cls in LAYER_TYPES:
+            return LAYER_TYPES[cls]
+    return None
