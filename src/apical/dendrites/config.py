@@ -123,6 +123,8 @@ class DendriteConfig:
                 "DendriteConfig.improvement_threshold must be a non-negative number or a non-empty "
                 f"sequence of them, got {thr!r}"
             )
+        if not isinstance(thr, (int, float)):
+            self.improvement_threshold = tuple(float(v) for v in values)
         if self.include is not None:
             if isinstance(self.include, (str, type)):
                 raise ValueError(

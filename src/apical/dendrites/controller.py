@@ -75,6 +75,7 @@ class Controller:
         self._base_flags = {n: p.requires_grad for n, p in model.named_parameters() if id(p) not in own}
         self._bn_momentum: dict[str, float | None] = {}
         self._forwards = 0
+        self._correlation: float | None = None
         self._hook = model.register_forward_pre_hook(self._count_forward)
         self.history: list[dict[str, Any]] = []
         self.phase = "neuron"
@@ -121,6 +122,7 @@ class Controller:
         self.epoch += 1
         trained_phase = self.phase
         events: list[str] = []
+        self._correlation = None
         if trained_phase == "neuron":
             restructured = self._neuron_step(score, events)
         else:
@@ -133,6 +135,7 @@ class Controller:
             "dendrites": self.dendrites,
             "parameters": parameter_count(self.model),
             "event": ",".join(events),
+            "correlation": self._correlation,
         })
         for event in events:
             if event not in ("improved", "correlation_improved"):
@@ -220,6 +223,7 @@ class Controller:
         cfg = self.config
         neurons = sum(s.shape[1] for s in candidate_scores.values())
         total = float(sum(s.max(dim=0).values.sum() for s in candidate_scores.values())) / max(neurons, 1)
+        self._correlation = total
         self.dp_epochs += 1
         if self.dp_best is None or total > self.dp_best * (1 + cfg.dendrite_improvement):
             self.dp_best, self.dp_since = total, 0

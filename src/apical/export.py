@@ -1,0 +1,244 @@
+"""Export a model with dendrites as a plain PyTorch module for inference.
+
+:func:`export` returns a deep copy of the model in which every dendritic layer is replaced by a
+fused module that evaluates the wrapped layer and all of its installed dendrite sets with ONE
+matrix multiplication or convolution over their concatenated weights (the layer's ``O``
+outputs and the ``D * O`` dendrite pre-activations in a single op), followed by the cheap
+per-channel part: the cascade between a neuron's own dendrites and the ``v``-weighted sum::
+
+    y = W_all x + b_all                          # [base; set 1; ...; set D], one op
+    a_k = f(y_k + sum_{e<k} u[k, e] * a_e)       # per channel, k = 1..D
+    z = y_0 + sum_k v[k] * a_k
+
+A layer without installed dendrites becomes its wrapped module again.
+
+What the export drops: everything used only to train or grow dendrites. Candidate dendrites
+(of a dendrite phase in progress) and their correlation statistics, the per-layer training
+flags and counters (perforation, phase, forward counts), and every forward / backward hook
+registered on the model's modules, the :class:`~apical.Controller`'s included (the hooks that
+``torch.nn.utils.weight_norm`` / ``spectral_norm`` need to compute a weight are kept). The
+result holds no reference to the original model, its controller or its optimiser; it is
+returned in eval mode, and contains only standard ``torch.nn`` modules and the two fused
+modules below, which use only ``torch`` operations with shapes fixed at export time, so it can
+be run under ``torch.compile(fullgraph=True)``, traced with ``torch.jit.trace`` and exported
+with ``torch.onnx.export``.
+
+Gradient flow is not preserved: a fused layer's parameters are ordinary trainable Parameters, so
+fine-tuning the export trains the dendrites' input weights like the base weights (no
+perforation). Export again from the dendritic model to continue Perforated Backpropagation.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
+from apical.dendrites.layer import ACTIVATION_FNS, DendriticConv, DendriticLayer, DendriticLinear
+
+__all__ = ["FusedDendriticConv", "FusedDendriticLinear", "export", "fuse_layer"]
+
+_CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+# hook dictionaries of nn.Module; the *_with_kwargs / *_always_called ones are keyed like the
+# hooks they qualify and are filtered alongside them
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+_KEPT_HOOK_TYPES = (WeightNorm, SpectralNorm)
+
+
+class _FusedDendrites(nn.Module):
+    """Shared per-channel part of the fused modules: the cascade and the v-weighted sum.
+
+    ``dendrite_out`` (v, ``[D, *chan]``) and ``dendrite_cascade`` (u, ``[D, D, *chan]``, only
+    ``u[k, e]`` with ``e < k`` is read) are stored already shaped to broadcast against one
+    dendrite's slice of the fused output.
+    """
+
+    activation: str
+    dendrites: int
+    cascaded: bool
+
+    def _init_dendrites(self, layer: DendriticLayer, chan: tuple[int, ...]) -> None:
+        d = layer.num_dendrites
+        self.activation = layer.activation
+        self.dendrites = d
+        v = layer.dendrite_out.detach().reshape(d, *chan)
+        u = layer.dendrite_cascade.detach().reshape(d, d, *chan)
+        lower = torch.tril(torch.ones(d, d, dtype=torch.bool, device=u.device), -1)
+        u = u * lower.reshape(d, d, *([1] * len(chan)))  # only e < k is ever read
+        # a cascade of all zeros is skipped (static, decided at export time)
+        self.cascaded = bool(u.ne(0).any())
+        self.dendrite_out = nn.Parameter(v.clone())
+        self.dendrite_cascade = nn.Parameter(u.clone())
+
+    def _add_dendrites(self, z: Tensor, pre: list[Tensor]) -> Tensor:
+        """``z + sum_k v_k a_k`` from the D pre-activation slices ``pre``."""
+        act = ACTIVATION_FNS[self.activation]
+        v, u = self.dendrite_out, self.dendrite_cascade
+        outs: list[Tensor] = []
+        for k in range(self.dendrites):
+            h = pre[k]
+            if self.cascaded:
+                for e in range(k):
+                    h = torch.addcmul(h, u[k, e], outs[e])
+            a = act(h)
+            outs.append(a)
+            z = torch.addcmul(z, v[k], a)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"dendrites={self.dendrites}, activation={self.activation}, cascaded={self.cascaded}"
+
+
+class FusedDendriticLinear(_FusedDendrites):
+    """A Linear layer with ``D`` dendrite sets, evaluated as one ``(1 + D) * O``-output Linear.
+
+    ``self.linear`` holds the concatenated weights: rows ``[0, O)`` are the wrapped layer's,
+    rows ``[(k + 1) * O, (k + 2) * O)`` dendrite set ``k``'s. Inputs ``[..., in_features]``.
+    """
+
+    def __init__(self, layer: DendriticLinear) -> None:
+        super().__init__()
+        base = layer.base
+        o, d = layer.out_channels, layer.num_dendrites
+        self.out_features = o
+        weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])
+        bias = _base_bias(base, o)
+        bias = torch.cat([bias[None], layer.dendrite_bias.detach()])
+        f = {"device": weight.device, "dtype": weight.dtype}
+        self.linear = nn.Linear(weight.shape[-1], (1 + d) * o, **f)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight.reshape((1 + d) * o, -1))
+            self.linear.bias.copy_(bias.reshape(-1))
+        self._init_dendrites(layer, (o,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear(x).unflatten(-1, (1 + self.dendrites, self.out_features))
+        slices = y.unbind(-2)
+        return self._add_dendrites(slices[0], list(slices[1:]))
+
+
+class FusedDendriticConv(_FusedDendrites):
+    """A ConvNd layer with ``D`` dendrite sets, evaluated as one ``(1 + D) * O``-channel ConvNd.
+
+    A convolution with ``g`` groups assigns its output channels to groups in contiguous
+    blocks, so the concatenated channels are interleaved per group: group ``i``'s block holds
+    the wrapped layer's ``O / g`` channels of that group, then each dendrite set's.
+    """
+
+    def __init__(self, layer: DendriticConv) -> None:
+        super().__init__()
+        base = layer.base
+        o, d, g = layer.out_channels, layer.num_dendrites, layer.groups
+        self.out_channels, self.groups, self.spatial = o, g, layer.spatial
+        weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])  # [1+D, O, *w]
+        bias = torch.cat([_base_bias(base, o)[None], layer.dendrite_bias.detach()])  # [1+D, O]
+        weight = weight.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o, *weight.shape[2:])
+        bias = bias.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o)
+        f = {"device": weight.device, "dtype": weight.dtype}
+        self.conv = _CONV_TYPES[layer.spatial](
+            base.in_channels, (1 + d) * o, base.kernel_size, stride=base.stride, padding=base.padding,
+            dilation=base.dilation, groups=g, bias=True, padding_mode=base.padding_mode, **f,
+        )
+        with torch.no_grad():
+            self.conv.weight.copy_(weight)
+            self.conv.bias.copy_(bias)
+        # per-channel values broadcast against one set's slice [N, g, O/g, *spatial]
+        self._init_dendrites(layer, (g, o // g, *([1] * layer.spatial)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == self.spatial + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        y = self.conv(x)
+        n, sp = y.shape[0], y.shape[2:]
+        # [N, g * (1+D) * O/g, *sp] -> [N, g, 1+D, O/g, *sp]: a view, no copy
+        y = y.unflatten(1, (self.groups, 1 + self.dendrites, self.out_channels // self.groups))
+        slices = y.unbind(2)
+        z = self._add_dendrites(slices[0], list(slices[1:]))  # [N, g, O/g, *sp]
+        z = z.reshape(n, self.out_channels, *sp)
+        return z.squeeze(0) if unbatched else z
+
+
+def _base_bias(base: nn.Module, o: int) -> Tensor:
+    w = base.weight
+    if base.bias is None:
+        return torch.zeros(o, device=w.device, dtype=w.dtype)
+    return base.bias.detach()
+
+
+def fuse_layer(layer: DendriticLayer) -> nn.Module:
+    """The inference module for one dendritic layer: its fused form, or a copy of its wrapped
+    module when it has no installed dendrites (candidates are ignored)."""
+    if layer.num_dendrites == 0:
+        return _strip_hooks(copy.deepcopy(layer.base)).eval()
+    if isinstance(layer, DendriticLinear):
+        fused: nn.Module = FusedDendriticLinear(layer)
+    elif isinstance(layer, DendriticConv):
+        fused = FusedDendriticConv(layer)
+    else:
+        raise TypeError(f"apical.export: no fused form for {type(layer).__name__}")
+    return fused.eval()
+
+
+def _kept_hooks(module: nn.Module) -> dict[str, OrderedDict]:
+    """Each hook dict of ``module`` filtered to the hooks that survive the export."""
+    keep: set = set()
+    for name in ("_forward_pre_hooks", "_forward_hooks"):
+        for key, hook in getattr(module, name, {}).items():
+            if isinstance(hook, _KEPT_HOOK_TYPES):
+                keep.add(key)
+    out = {}
+    for name in _HOOK_DICTS:
+        hooks = getattr(module, name, None)
+        if hooks is not None:
+            out[name] = OrderedDict((k, h) for k, h in hooks.items() if k in keep)
+    return out
+
+
+def _strip_hooks(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        for name, hooks in _kept_hooks(module).items():
+            setattr(module, name, hooks)
+    return model
+
+
+def export(model: nn.Module) -> nn.Module:
+    """A plain PyTorch copy of ``model`` for inference, with every dendritic layer fused.
+
+    Each :class:`~apical.DendriticLinear` / :class:`~apical.DendriticConv` with installed
+    dendrites becomes a :class:`FusedDendriticLinear` / :class:`FusedDendriticConv` (one
+    matmul or convolution for the wrapped layer and all its dendrites, then the per-channel
+    cascade and v-weighted sum); one without becomes its wrapped module. Candidates, training
+    state and hooks are dropped (see the module docstring). The original model is not changed;
+    the copy shares no tensor with it and is returned in eval mode. Its outputs equal the
+    original's in eval mode up to floating-point rounding.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apical.export expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DendriticLayer):
+        return fuse_layer(model)
+    # deepcopy with a pre-seeded memo: each dendritic layer is "copied" as its fused module and
+    # each hook dict as its filtered version, so neither candidates nor a controller (reachable
+    # through its bound-method hook) are ever copied
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        if isinstance(module, DendriticLayer):
+            memo[id(module)] = fuse_layer(module)
+        else:
+            for name, hooks in _kept_hooks(module).items():
+                memo[id(getattr(module, name))] = hooks
+    exported = copy.deepcopy(model, memo)
+    return exported.eval()

@@ -1,0 +1,54 @@
+import pytest
+from torch import nn
+
+from apical import DendriteConfig
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = DendriteConfig()
+    assert cfg.mode == "pb" and cfg.candidates >= 1
+    again = DendriteConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_types_in_include_round_trip():
+    cfg = DendriteConfig(include=[nn.Linear, "fc.*"], exclude=["head"])
+    again = DendriteConfig.from_dict(cfg.to_dict())
+    assert again.include == (nn.Linear, "fc.*") and again.exclude == ("head",)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"mode": "magic"}, "mode"),
+        ({"activation": "gelu"}, "activation"),
+        ({"candidates": 0}, "candidates"),
+        ({"candidates": 1.5}, "candidates"),
+        ({"max_dendrites": -1}, "max_dendrites"),
+        ({"patience": True}, "patience"),
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"init_scale": float("nan")}, "init_scale"),
+        ({"output_init": -1.0}, "output_init"),
+        ({"improvement_threshold": -0.1}, "improvement_threshold"),
+        ({"improvement_threshold": []}, "improvement_threshold"),
+        ({"normaliser": "l2"}, "normaliser"),
+        ({"include": "fc1"}, "include"),
+        ({"include": ["(unclosed"]}, "include"),
+        ({"exclude": [3]}, "exclude"),
+        ({"min_dendrite_epochs": 5, "max_dendrite_epochs": 2}, "min_dendrite_epochs"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DendriteConfig(**kwargs)
+
+
+def test_threshold_list_indexed_by_dendrites():
+    cfg = DendriteConfig(improvement_threshold=[1e-2, 1e-3])
+    assert [cfg.threshold_for(d) for d in range(4)] == [1e-2, 1e-3, 1e-3, 1e-3]
+    assert DendriteConfig(improvement_threshold=0.5).threshold_for(7) == 0.5
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown"):
+        DendriteConfig.from_dict({"mode": "pb", "colour": "red"})

@@ -1,0 +1,129 @@
+"""The dendrite phase's statistics and gradient, against references computed another way."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import apical
+
+
+def _setup(module, candidates=3):
+    model = nn.Sequential(module, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    cfg = apical.DendriteConfig(include=["0"])
+    apical.perforate(model, cfg)
+    layer = model[0]
+    layer.install_random(1.0)  # one installed set, so the candidates read a cascade input
+    layer.add_candidates(candidates, 1.0)
+    layer.set_training_mode("dendrite", perforated=True)
+    with torch.no_grad():
+        layer.candidate_cascade.normal_()
+    return model, layer
+
+
+def _error_recorder(store):
+    def hook(module, inputs, out):
+        out.register_hook(lambda g: store.append(g.clone()))
+
+    return hook
+
+
+def _capture(model, layer, batches, make_target):
+    """Run an epoch of mini-batches; record each batch's candidate outputs and output error."""
+    deltas, acts = [], []
+    handle = layer.register_forward_hook(_error_recorder(deltas))
+    for x in batches:
+        with torch.no_grad():  # candidate outputs, computed outside the layer by hand
+            d_pre = layer._stack_forward(x, layer.dendrite_weight, layer.dendrite_bias)
+            a_inst = torch.sigmoid(d_pre)  # one installed set: no cascade among installed
+            pre = layer._stack_forward(x, layer.candidate_weight, layer.candidate_bias)
+            ax = layer.set_axis % pre.dim()
+            casc = layer.candidate_cascade[:, 0]  # [C, O]
+            pre = pre + layer._chan(casc) * a_inst.select(ax, 0).unsqueeze(ax)
+            acts.append(torch.sigmoid(pre))
+        out = model(x)
+        nn.functional.mse_loss(out, make_target(out)).backward()
+    handle.remove()
+    return acts, deltas
+
+
+def _numpy_reference(acts, deltas, layer):
+    """Covariance and scores over the whole epoch at once, in float64 numpy."""
+    ax = layer.set_axis % acts[0].dim()
+    a = np.concatenate([np.moveaxis(t.numpy(), (ax, ax + 1), (-2, -1)).reshape(-1, *t.shape[ax:ax + 2])
+                        for t in acts]).astype(np.float64)  # [P, C, O]
+    d = np.concatenate([np.moveaxis(t.numpy(), ax, -1).reshape(-1, t.shape[ax]) for t in deltas]).astype(np.float64)
+    ac = a - a.mean(0)
+    dc = d - d.mean(0)
+    cov = (ac * dc[:, None, :]).mean(0)
+    sd_d = dc.std(0)
+    sd_a = ac.std(0)
+    return cov, np.abs(cov) / sd_d, np.abs(cov) / (sd_d * sd_a)
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [(nn.Linear(6, 5), (16, 6)), (nn.Conv2d(3, 4, 3, padding=1), (4, 3, 6, 6))],
+)
+def test_epoch_statistics_match_numpy(module, shape):
+    torch.manual_seed(3)
+    model, layer = _setup(module)
+    batches = [torch.randn(*shape) * (1 + i) + i for i in range(5)]
+    target = torch.randn(2)
+    acts, deltas = _capture(model, layer, batches, lambda out: target.expand_as(out) + out.detach() ** 2)
+    cov, score_err, score_pearson = _numpy_reference(acts, deltas, layer)
+    moments = layer.stats.moments()
+    np.testing.assert_allclose(moments["cov"].numpy(), cov, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(layer.stats.scores("error").numpy(), score_err, rtol=1e-5)
+    np.testing.assert_allclose(layer.stats.scores("pearson").numpy(), score_pearson, rtol=1e-5)
+    n_obs = sum(d.numel() // layer.out_channels for d in deltas)
+    assert layer.stats.n == n_obs
+
+
+@pytest.mark.parametrize("normaliser", ["error", "pearson"])
+def test_candidate_gradient_is_the_objective_gradient(normaliser):
+    """On a single batch (epoch == batch), the gradient the tap hands the candidates equals
+    autograd of the explicit objective -sum |cov| / normaliser."""
+    torch.manual_seed(4)
+    model, layer = _setup(nn.Linear(6, 5))
+    layer.normaliser = normaliser
+    x = torch.randn(32, 6)
+    target = torch.randn(32, 2)
+    deltas = []
+    h = layer.register_forward_hook(_error_recorder(deltas))
+    nn.functional.mse_loss(model(x), target).backward()
+    h.remove()
+    got = layer.candidate_weight.grad.clone()
+    # reference: explicit objective with autograd, the error treated as a constant
+    w = layer.candidate_weight.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        a_inst = torch.sigmoid(layer._stack_forward(x, layer.dendrite_weight, layer.dendrite_bias))[..., 0, :]
+    pre = layer._stack_forward(x, w, layer.candidate_bias.detach()) + layer.candidate_cascade.detach()[:, 0] * a_inst[:, None]
+    a = torch.sigmoid(pre).double()  # [N, C, O]
+    d = deltas[0].double()[:, None, :]
+    ac, dc = a - a.mean(0), d - d.mean(0)
+    cov = (ac * dc).mean(0)
+    norm = dc.pow(2).mean(0).sqrt()
+    if normaliser == "pearson":
+        norm = norm * ac.pow(2).mean(0).sqrt()
+    (-(cov.abs() / norm).sum()).backward()
+    torch.testing.assert_close(got, w.grad.float(), rtol=1e-4, atol=1e-7)
+
+
+def test_statistics_memory_does_not_grow_with_the_epoch():
+    model, layer = _setup(nn.Linear(6, 5))
+    for _ in range(20):
+        nn.functional.mse_loss(model(torch.randn(8, 6)), torch.zeros(8, 2)).backward()
+    sizes = [getattr(layer.stats, k).numel() for k in layer.stats.FIELDS]
+    assert sizes == [3 * 5, 5, 3 * 5, 3 * 5, 5]
+    assert layer.stats.n == 160
+
+
+def test_eval_forward_does_not_touch_statistics():
+    model, layer = _setup(nn.Linear(6, 5))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 6))
+    assert layer.stats.empty
+    with pytest.raises(RuntimeError, match="no correlation statistics"):
+        layer.candidate_scores()

@@ -1,0 +1,181 @@
+import pytest
+import torch
+from torch import nn
+
+import apical
+from apical.dendrites.layer import DendriticConv, DendriticLinear
+
+
+def _perforated(module: nn.Module, mode: str = "pb") -> nn.Sequential:
+    model = nn.Sequential(module)
+    apical.perforate(model, apical.DendriteConfig(mode=mode))
+    return model
+
+
+CASES = [
+    (lambda: nn.Linear(5, 4), (7, 5)),
+    (lambda: nn.Linear(5, 4), (3, 6, 5)),  # (batch, time, features)
+    (lambda: nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2), (2, 4, 9, 9)),
+    (lambda: nn.Conv2d(4, 6, 3, groups=2, bias=False), (2, 4, 7, 7)),
+    (lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="reflect"), (2, 4, 6, 6)),
+    (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
+]
+
+
+def _train_candidates(model, x, steps=3):
+    layer = model[0]
+    layer.add_candidates(3, 1.0)
+    layer.set_training_mode("dendrite", perforated=True)
+    layer.base.requires_grad_(False)
+    opt = torch.optim.SGD([layer.candidate_weight, layer.candidate_bias, layer.candidate_cascade], lr=0.5)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    return layer
+
+
+@pytest.mark.parametrize("make, shape", CASES)
+def test_installing_a_set_preserves_the_function(make, shape):
+    model = _perforated(make())
+    layer = model[0]
+    x = torch.randn(*shape)
+    layer.install_random(1.0)  # a first set, with a non-zero v so the cascade matters
+    with torch.no_grad():
+        layer.dendrite_out.normal_()
+    model.eval()
+    before = model(x).detach()
+    # pb: train candidates on the correlation objective, then install the best per neuron
+    model.train()
+    layer = _train_candidates(model, x)
+    scores = layer.candidate_scores()
+    layer.install_best(scores)
+    assert layer.num_dendrites == 2 and layer.num_candidates == 0
+    assert layer.dendrite_cascade[1, 0].abs().sum() > 0  # the cascade from set 0 was learned
+    model.eval()
+    assert torch.allclose(model(x), before, atol=1e-6, rtol=0)
+    # gd: a random set with v = 0
+    layer.install_random(1.0)
+    assert torch.allclose(model(x), before, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("make, shape", CASES)
+def test_forward_matches_a_per_dendrite_reference(make, shape):
+    """The one-op stacked forward equals a loop over dendrite copies of the module."""
+    base = make()
+    model = _perforated(base)
+    layer = model[0]
+    for _ in range(3):
+        layer.install_random(1.0)
+    with torch.no_grad():
+        layer.dendrite_out.normal_()
+        layer.dendrite_cascade.normal_()
+    x = torch.randn(*shape)
+    acts = []
+    expected = base(x)
+    axis = -1 if isinstance(base, nn.Linear) else 1
+    for k in range(3):
+        copy = make()
+        with torch.no_grad():
+            copy.weight.copy_(layer.dendrite_weight[k])
+            if copy.bias is None:
+                copy.bias = nn.Parameter(layer.dendrite_bias[k].clone())
+            else:
+                copy.bias.copy_(layer.dendrite_bias[k])
+        h = copy(x)
+        for e in range(k):
+            h = h + layer.dendrite_cascade[k, e].view(_chan_shape(h, axis)) * acts[e]
+        acts.append(torch.sigmoid(h))
+        expected = expected + layer.dendrite_out[k].view(_chan_shape(h, axis)) * acts[k]
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def _chan_shape(h, axis):
+    shape = [1] * h.dim()
+    shape[axis] = h.shape[axis]
+    return shape
+
+
+@pytest.mark.parametrize("mode, zero_expected", [("pb", True), ("gd", False)])
+def test_perforation_blocks_error_through_dendrites(mode, zero_expected):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    cfg = apical.DendriteConfig(mode=mode)
+    apical.perforate(model, cfg)
+    ctl = apical.Controller(model, cfg)
+    layer2 = model[2]
+    layer2.install_random(1.0)
+    ctl._apply_phase()
+    with torch.no_grad():
+        layer2.base.weight.zero_()
+        layer2.dendrite_out.fill_(1.0)
+    x = torch.randn(8, 3)
+    model(x).pow(2).sum().backward()
+    grad = model[0].base.weight.grad
+    assert grad is not None
+    if zero_expected:
+        assert torch.count_nonzero(grad) == 0
+        assert layer2.dendrite_weight.grad is None  # frozen: no gradient computed
+        assert layer2.dendrite_out.grad is not None and layer2.dendrite_out.grad.abs().sum() > 0
+    else:
+        assert grad.abs().sum() > 0
+        assert layer2.dendrite_weight.grad.abs().sum() > 0
+
+
+def test_pb_neuron_phase_builds_no_graph_for_dendrites():
+    model = _perforated(nn.Linear(4, 3))
+    layer = model[0]
+    layer.install_random(1.0)
+    a = layer.dendrite_activations(torch.randn(5, 4, requires_grad=True))
+    assert not a.requires_grad
+
+
+def test_dispatch_and_dtype_follow_the_module():
+    model = nn.Sequential(nn.Linear(3, 3).double(), nn.Conv1d(1, 2, 1))
+    apical.perforate(model, apical.DendriteConfig(include=["0"]))
+    assert isinstance(model[0], DendriticLinear)
+    model[0].install_random(1.0)
+    assert model[0].dendrite_weight.dtype == torch.float64
+    m2 = nn.Sequential(nn.Conv3d(1, 1, 1))
+    apical.perforate(m2)
+    assert isinstance(m2[0], DendriticConv)
+
+
+def test_unbatched_conv_input():
+    model = _perforated(nn.Conv1d(2, 3, 3))
+    model[0].install_random(1.0)
+    with torch.no_grad():
+        model[0].dendrite_out.normal_()
+    x = torch.randn(2, 8)
+    assert torch.allclose(model(x), model(x[None])[0])
+
+
+def test_remove_last_restores_previous_structure():
+    model = _perforated(nn.Linear(4, 3))
+    layer = model[0]
+    layer.install_random(1.0)
+    with torch.no_grad():
+        layer.dendrite_out.normal_()
+    x = torch.randn(5, 4)
+    before = model(x).detach()
+    layer.install_random(1.0)
+    with torch.no_grad():
+        layer.dendrite_out[1].normal_()
+    assert not torch.allclose(model(x), before)
+    layer.remove_last()
+    assert layer.num_dendrites == 1
+    assert torch.allclose(model(x), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_backward():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).cuda()
+    cfg = apical.DendriteConfig()
+    apical.perforate(model, cfg)
+    for _, layer in apical.dendritic_layers(model):
+        layer.install_random(1.0)
+        layer.add_candidates(2, 1.0)
+        layer.set_training_mode("dendrite", True)
+    model(torch.randn(4, 3, 8, 8, device="cuda")).sum().backward()
+    assert model[0].candidate_weight.grad.is_cuda

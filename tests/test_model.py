@@ -1,0 +1,114 @@
+import pytest
+import torch
+from torch import nn
+
+import apical
+from apical import DendriteConfig, PerforationError
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc1 = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(8, 3)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, img, seq):
+        h = self.bn(self.conv(img)).mean((2, 3))  # [N, 4]
+        s, _ = self.attn(seq, seq, seq)
+        s = self.drop(torch.relu(self.fc1(s)))  # Linear on (batch, time, features)
+        s, _ = self.rnn(s)
+        return self.head(s.mean(1)) + h[:, :3]
+
+
+def test_default_wraps_linear_and_conv_keeping_parameters():
+    net = Net()
+    refs = {n: p for n, p in net.named_parameters()}
+    apical.perforate(net, DendriteConfig())
+    names = [n for n, _ in apical.dendritic_layers(net)]
+    assert names == ["conv", "fc1", "head"]  # attention's out_proj is left alone
+    assert net.fc1.base.weight is refs["fc1.weight"]
+    assert net.conv.base.bias is refs["conv.bias"]
+    out = net(torch.randn(2, 1, 6, 6), torch.randn(2, 5, 8))
+    assert out.shape == (2, 3)
+
+
+def test_include_exclude_by_type_name_and_regex():
+    net = Net()
+    apical.perforate(net, DendriteConfig(include=[nn.Linear], exclude=["head"]))
+    assert [n for n, _ in apical.dendritic_layers(net)] == ["fc1"]
+    net = Net()
+    apical.perforate(net, DendriteConfig(include=["fc.*", "conv"]))
+    assert [n for n, _ in apical.dendritic_layers(net)] == ["conv", "fc1"]
+
+
+@pytest.mark.parametrize(
+    "include, message",
+    [
+        (["nothere"], "matches no module"),
+        (["rnn"], "cannot wrap 'rnn'"),
+        ([nn.GRU], "cannot wrap GRU"),
+        (["attn.out_proj"], "reads its weights directly"),
+        (["dr.p"], "only modules apical cannot wrap"),
+    ],
+)
+def test_bad_selections_are_refused_without_changes(include, message):
+    net = Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(PerforationError, match=message):
+        apical.perforate(net, DendriteConfig(include=include))
+    assert not apical.dendritic_layers(net)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_model_with_nothing_to_wrap():
+    with pytest.raises(PerforationError, match="nothing to wrap"):
+        apical.perforate(nn.Sequential(nn.ReLU(), nn.GRU(3, 3)))
+
+
+def test_perforating_twice_is_refused_and_unwrap_undoes():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    w = net[0].weight
+    apical.perforate(net)
+    with pytest.raises(PerforationError, match="already perforated"):
+        apical.perforate(net)
+    apical.unwrap(net)
+    assert type(net[0]) is nn.Linear and net[0].weight is w
+    apical.perforate(net)
+    net[2].install_random(1.0)
+    with pytest.raises(PerforationError, match="hold dendrites"):
+        apical.unwrap(net)
+
+
+def test_counts_and_structure_replay():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    apical.perforate(net)
+    plain = apical.parameter_count(net)
+    assert plain == 3 * 4 + 4 + 4 * 2 + 2
+    for _, layer in apical.dendritic_layers(net):
+        layer.install_random(1.0)
+    # a set adds one copy of each layer (weights + bias) plus v (D*O) and a 1x1 cascade per neuron
+    assert apical.parameter_count(net) == plain + (plain + 4 + 2) + (4 + 2)
+    assert apical.dendrite_count(net) == 1
+    record = apical.structure(net)
+    fresh = apical.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    apical.apply_structure(fresh, record)
+    fresh.load_state_dict(net.state_dict())
+    x = torch.randn(5, 3)
+    assert torch.equal(fresh(x), net(x))
+
+
+def test_batchnorm_dropout_train_and_eval_modes():
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
+    apical.perforate(net)
+    for _, layer in apical.dendritic_layers(net):
+        layer.install_random(1.0)
+    x = torch.randn(10, 4)
+    net.train()
+    net(x).sum().backward()
+    net.eval()
+    assert torch.equal(net(x), net(x))
