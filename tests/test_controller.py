@@ -214,3 +214,20 @@ def test_batchnorm_statistics_frozen_in_dendrite_phase():
     assert torch.equal(mean, model[1].running_mean)
     ctl.step(1.0)
     assert ctl.phase == "neuron" and model[1].momentum == 0.1
+
+
+def test_finish_mid_dendrite_phase_keeps_the_best():
+    model, ctl = _setup("pb")
+    _, states = _run(model, ctl, [1, 2, 2, 2, 0])
+    assert ctl.phase == "dendrite"
+    step = ctl.finish()
+    assert step.done and ctl.dendrites == 0 and model[0].num_candidates == 0
+    assert all(torch.equal(states[1][k], v) for k, v in model.state_dict().items())
+
+
+def test_finish_keeps_an_improving_trial_set():
+    model, ctl = _setup("pb")
+    _, states = _run(model, ctl, [1, 2, 2, 2, 0, 0, 3])
+    step = ctl.finish()
+    assert step.event == "finish,kept,done" and ctl.dendrites == 1
+    assert all(torch.equal(states[6][k], v) for k, v in model.state_dict().items())

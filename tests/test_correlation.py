@@ -98,7 +98,8 @@ def test_candidate_gradient_is_the_objective_gradient(normaliser):
     w = layer.candidate_weight.detach().clone().requires_grad_(True)
     with torch.no_grad():
         a_inst = torch.sigmoid(layer._stack_forward(x, layer.dendrite_weight, layer.dendrite_bias))[..., 0, :]
-    pre = layer._stack_forward(x, w, layer.candidate_bias.detach()) + layer.candidate_cascade.detach()[:, 0] * a_inst[:, None]
+    pre = layer._stack_forward(x, w, layer.candidate_bias.detach())
+    pre = pre + layer.candidate_cascade.detach()[:, 0] * a_inst[:, None]
     a = torch.sigmoid(pre).double()  # [N, C, O]
     d = deltas[0].double()[:, None, :]
     ac, dc = a - a.mean(0), d - d.mean(0)

@@ -56,7 +56,8 @@ class Split:
 
     ``task`` is ``"classification"`` (``y`` int64 class indices), ``"multilabel"`` (``y`` float32 in
     {0, 1} with NaN for a missing label) or ``"regression"`` (``y`` float32 ``[N, n_outputs]``).
-    ``info`` holds loader-specific facts (target names, rows dropped, normalisation statistics...).
+    ``info`` holds loader-specific facts (target names, rows dropped, normalisation statistics...) and
+    ``info["indices"]``: the rows of the loader's full array that went to "train", "val" and "test".
     """
 
     name: str
@@ -148,9 +149,7 @@ def _sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _stratified_split(
-    y: np.ndarray, fractions: tuple[float, ...], seed: int
-) -> tuple[np.ndarray, ...]:
+def _stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> tuple[np.ndarray, ...]:
     """Split indices by class: each class contributes ``round(n_c * f)`` samples to every part after the
     first, the rest goes to the first. Indices are returned sorted."""
     rng = np.random.default_rng(seed)
@@ -176,9 +175,7 @@ def _random_split(n: int, fractions: tuple[float, ...], seed: int) -> tuple[np.n
     return (np.sort(perm[pos:]), *out)
 
 
-def _standardise(
-    x: np.ndarray, train_idx: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _standardise(x: np.ndarray, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standardise with the training rows' mean and std (std 0 -> 1)."""
     mean = x[train_idx].mean(axis=0)
     std = x[train_idx].std(axis=0)
@@ -200,6 +197,10 @@ def _make_split(
         yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     else:
         yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    info = {
+        **info,
+        "indices": {k: i.astype(np.int64) for k, i in zip(("train", "val", "test"), idx, strict=True)},
+    }
     tr, va, te = (torch.from_numpy(i.astype(np.int64)) for i in idx)
     return Split(
         name=name,
@@ -392,9 +393,7 @@ def _tox21_featurise(radius: int, n_bits: int) -> dict[str, np.ndarray]:
     }
 
 
-def _load_tox21(
-    seed: int, radius: int = 2, n_bits: int = 2048, val: float = 0.1, test: float = 0.1
-) -> Split:
+def _load_tox21(seed: int, radius: int = 2, n_bits: int = 2048, val: float = 0.1, test: float = 0.1) -> Split:
     """Tox21 (12 assays, multilabel with NaN = missing): ECFP4 bits (Morgan radius 2, 2,048 bits) of
     the molecules merged by SMILES; random 80/10/10 split of molecules by ``seed``."""
     key = f"tox21_{TOX21_SHA256[:16]}_r{radius}_b{n_bits}_f{_CACHE_FORMAT}.npz"

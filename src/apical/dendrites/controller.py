@@ -143,6 +143,37 @@ class Controller:
         return Step(restructured, self.done, self.phase, self.dendrites, self.epoch, ",".join(events),
                     score, self.best)
 
+    def finish(self) -> Step:
+        """End training now (an epoch budget ran out): keep the current architecture if it
+        beat the previous one, else revert it, and load the best weights."""
+        if self.done:
+            raise RuntimeError("training is already done")
+        events: list[str] = ["finish"]
+        restructured = False
+        if self.phase == "dendrite":
+            for _, layer in self.layers:
+                layer.drop_candidates()
+            self.phase = "neuron"
+            restructured = True
+        elif self._best_state is not None:
+            self._load(self._best_state)
+        if self.dendrites > self.accepted_dendrites:
+            if self.best is not None and self._improved(self.best, self.accepted_score, self.dendrites):
+                self._accept()
+                events.append("kept")
+            else:
+                for _, layer in self.layers:
+                    layer.remove_last()
+                self.dendrites -= 1
+                restructured = True
+                events.append("reverted")
+        elif self._accepted_state is None:
+            self._accept()
+        self._finish(events)
+        score = self.accepted_score if self.accepted_score is not None else float("nan")
+        return Step(restructured, True, self.phase, self.dendrites, self.epoch, ",".join(events), score,
+                    self.best)
+
     # ------------------------------------------------------------------ decisions
     def _improved(self, new: float, old: float | None, dendrites: int) -> bool:
         if old is None:

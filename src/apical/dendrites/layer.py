@@ -113,6 +113,8 @@ class DendriticLayer(nn.Module):
         self.candidate_weight = nn.Parameter(w)
         self.candidate_bias = nn.Parameter(b)
         self.candidate_cascade = nn.Parameter(torch.zeros(count, self.num_dendrites, self.out_channels, **f))
+        for p in (self.candidate_weight, self.candidate_bias, self.candidate_cascade):
+            p._apical_candidate = True  # lets optimiser builders give candidates their own group
         self.stats = CorrelationStats(count, self.out_channels)
 
     def drop_candidates(self) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from apical.cli import main
+
+sys.exit(main())
