@@ -1,0 +1,390 @@
+"""GRAPES: modulated gradients against forward and backward passes written out by hand in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from torch import nn
+
+import apical
+from apical.grapes import grapes, grapes_factors
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def np_factor(w: np.ndarray, clip: tuple[float, float] | None = (1.0, 2.0)) -> np.ndarray:
+    imp = np.abs(w).reshape(w.shape[0], -1).sum(axis=1)  # per row, never the whole matrix
+    f = 2.0 * imp / imp.max()
+    return f if clip is None else np.clip(f, *clip)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    np.testing.assert_allclose(_np(a), _np(b), rtol=1e-5, atol=1e-7)
+
+
+def _spread_rows(module: nn.Module, gen: torch.Generator) -> None:
+    """Give each output row its own scale, so that factors differ (some below the clip)."""
+    with torch.no_grad():
+        w = module.weight
+        scale = torch.rand(w.shape[0], generator=gen, dtype=w.dtype) * 0.8 + 0.2
+        w.mul_(scale.view(-1, *([1] * (w.dim() - 1))))
+
+
+# ---------------------------------------------------------------------------------- models
+def _mlp() -> nn.Sequential:
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    for i in (0, 2, 4):
+        _spread_rows(model[i], gen)
+    return model
+
+
+def _mlp_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(7, 4, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen,
+                                                                               dtype=torch.float64)
+
+
+def _loss(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((y - t) ** 2).sum()
+
+
+def _grads(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    _loss(model(x), t).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def np_mlp_grads(ws, bs, x, t, mode, clip=(1.0, 2.0), modulated=(0, 1)):
+    """Hand-written forward/backward of Linear-tanh-Linear-tanh-Linear with GRAPES."""
+    h = [x]
+    for i in range(3):
+        z = h[-1] @ ws[i].T + bs[i]
+        h.append(np.tanh(z) if i < 2 else z)
+    delta = h[3] - t  # error at the output layer's output
+    gw, gb = [None] * 3, [None] * 3
+    for i in (2, 1, 0):
+        f = np_factor(ws[i], clip) if i in modulated else np.ones(ws[i].shape[0])
+        if mode == "propagate":
+            delta = delta * f
+            gw[i], gb[i] = delta.T @ h[i], delta.sum(0)
+        else:
+            gw[i], gb[i] = f[:, None] * (delta.T @ h[i]), f * delta.sum(0)
+        if i:
+            delta = (delta @ ws[i]) * (1 - h[i] ** 2)
+    return gw, gb
+
+
+def _mlp_expected(model, x, t, mode, clip=(1.0, 2.0), prefix=""):
+    lin = [model[i].base if prefix else model[i] for i in (0, 2, 4)]
+    gw, gb = np_mlp_grads([_np(m.weight) for m in lin], [_np(m.bias) for m in lin], _np(x), _np(t),
+                          mode, clip)
+    out = {}
+    for k, i in enumerate((0, 2, 4)):
+        out[f"{i}{prefix}.weight"], out[f"{i}{prefix}.bias"] = gw[k], gb[k]
+    return out
+
+
+def _check(got: dict[str, torch.Tensor], expected: dict[str, np.ndarray]) -> None:
+    for name, ref in expected.items():
+        np.testing.assert_allclose(_np(got[name]), ref, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------- MLP
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_mlp_matches_numpy(mode):
+    model = _mlp()
+    x, t = _mlp_data()
+    plain = _grads(model, x, t)
+    handle = grapes(model, mode=mode)
+    assert handle.layers == ["0", "2"]  # the output layer "4" is left alone
+    got = _grads(model, x, t)
+    _check(got, _mlp_expected(model, x, t, mode))
+    assert torch.equal(got["4.weight"], plain["4.weight"]) and torch.equal(got["4.bias"], plain["4.bias"])
+    assert not torch.allclose(got["0.weight"], plain["0.weight"])
+    for name, f in handle.factors().items():
+        np.testing.assert_allclose(_np(f), np_factor(_np(model.get_submodule(name).weight)), rtol=1e-12)
+
+
+def test_mlp_unclipped_matches_numpy():
+    model = _mlp()
+    x, t = _mlp_data()
+    handle = grapes(model, clip=None)
+    _check(_grads(model, x, t), _mlp_expected(model, x, t, "propagate", clip=None))
+    assert min(float(f.min()) for f in handle.factors().values()) < 1.0  # (0, 2]: some shrink
+
+
+def test_local_differs_from_propagate_below_the_top_hidden_layer():
+    model = _mlp()
+    x, t = _mlp_data()
+    with grapes(model, mode="propagate"):
+        prop = _grads(model, x, t)
+    with grapes(model, mode="local"):
+        loc = _grads(model, x, t)
+    assert torch.allclose(prop["2.weight"], loc["2.weight"])  # same error at the top hidden layer
+    assert not torch.allclose(prop["0.weight"], loc["0.weight"])  # compounded vs local
+
+
+def test_module_called_twice_compounds():
+    lin, out = nn.Linear(3, 3).double(), nn.Linear(3, 2).double()
+    _spread_rows(lin, torch.Generator().manual_seed(3))
+    model = nn.ModuleDict({"lin": lin, "out": out})
+    x, t = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    handle = grapes(model)
+    assert handle.layers == ["lin"]
+    _loss(out(torch.tanh(lin(torch.tanh(lin(x))))), t).backward()
+    w, b, wo = _np(lin.weight), _np(lin.bias), _np(out.weight)
+    f = np_factor(w)
+    h1 = np.tanh(_np(x) @ w.T + b)
+    h2 = np.tanh(h1 @ w.T + b)
+    d = _np(out(torch.tanh(lin(torch.tanh(lin(x)))))) - _np(t)
+    d2 = (d @ wo) * (1 - h2**2) * f  # second use
+    d1 = (d2 @ w) * (1 - h1**2) * f  # first use: both factors
+    np.testing.assert_allclose(_np(lin.weight.grad), d2.T @ h1 + d1.T @ _np(x), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------- CNN
+def _cnn() -> nn.Sequential:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(27, 4)).double()
+    _spread_rows(model[0], torch.Generator().manual_seed(4))
+    return model
+
+
+def np_cnn(w, b, wl, bl, x, t, mode, clip=(1.0, 2.0)):
+    """Hand-written conv2d (valid, stride 1) - relu - flatten - linear, forward and backward."""
+    k = w.shape[2]
+    patches = sliding_window_view(x, (k, k), axis=(2, 3))  # [N, C, H', W', k, k]
+    z = np.einsum("ncyxij,ocij->noyx", patches, w) + b[None, :, None, None]
+    h = np.maximum(z, 0.0)
+    flat = h.reshape(h.shape[0], -1)
+    d_out = flat @ wl.T + bl - t
+    g = {"3.weight": d_out.T @ flat, "3.bias": d_out.sum(0)}
+    d_z = (d_out @ wl).reshape(z.shape) * (z > 0)
+    f = np_factor(w, clip)
+    if mode == "propagate":
+        d_z = d_z * f[None, :, None, None]
+    g["0.weight"] = np.einsum("noyx,ncyxij->ocij", d_z, patches)
+    g["0.bias"] = d_z.sum((0, 2, 3))
+    if mode == "local":
+        g["0.weight"] = g["0.weight"] * f[:, None, None, None]
+        g["0.bias"] = g["0.bias"] * f
+    gx = np.zeros_like(x)
+    ho, wo = z.shape[2:]
+    for i in range(k):
+        for j in range(k):
+            gx[:, :, i : i + ho, j : j + wo] += np.einsum("noyx,oc->ncyx", d_z, w[:, :, i, j])
+    return g, gx
+
+
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_cnn_matches_numpy(mode):
+    model = _cnn()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    handle = grapes(model, mode=mode)
+    assert handle.layers == ["0"]
+    got = _grads(model, x, t)  # the in-place ReLU right after the conv must not disturb the hook
+    ref, ref_x = np_cnn(_np(model[0].weight), _np(model[0].bias), _np(model[3].weight), _np(model[3].bias),
+                        _np(x), _np(t), mode)
+    _check(got, ref)
+    np.testing.assert_allclose(_np(x.grad), ref_x, rtol=1e-10, atol=1e-12)  # scaled only if propagate
+
+
+@pytest.mark.parametrize("conv_type", [nn.Conv1d, nn.Conv3d])
+def test_conv1d_conv3d_scale_per_channel(conv_type):
+    conv = conv_type(2, 3, 2)
+    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2))
+    _spread_rows(conv, torch.Generator().manual_seed(6))
+    x = torch.randn(2, 2, *([3] * (conv.weight.dim() - 2)))
+    t = torch.randn(2, 2)
+    plain = _grads(model, x, t)
+    with grapes(model) as handle:
+        got = _grads(model, x, t)
+        f = handle.factors()["0"]
+    per_channel = f.view(-1, *([1] * (conv.weight.dim() - 1)))
+    _close(got["0.weight"], plain["0.weight"] * per_channel)
+    _close(got["0.bias"], plain["0.bias"] * f)
+
+
+# ---------------------------------------------------------------------------------- factors
+def test_factors_are_per_row_not_whole_matrix():
+    lin = nn.Linear(6, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, 6).abs() + 0.1)
+        lin.weight.mul_(torch.tensor([1.0, 0.7, 0.4, 0.1])[:, None])
+    w = _np(lin.weight)
+    for clip in [(1.0, 2.0), None]:
+        f = _np(grapes_factors(lin.weight, clip))
+        np.testing.assert_allclose(f, np_factor(w, clip), rtol=1e-6)
+        assert len(np.unique(np.round(f, 6))) > 1 and not np.allclose(f, 2.0)
+    raw = _np(grapes_factors(lin.weight, None))
+    assert raw.max() == pytest.approx(2.0) and raw.min() < 0.5  # the biggest row gets exactly 2
+    model = nn.Sequential(lin, nn.Linear(4, 1))
+    handle = grapes(model, clip=None)
+    np.testing.assert_allclose(_np(handle.factors()["0"]), np_factor(w, None), rtol=1e-6)
+
+
+def test_zero_weights_give_uniform_factors():
+    assert torch.equal(grapes_factors(torch.zeros(3, 4), None), torch.full((3,), 2.0))
+
+
+# ---------------------------------------------------------------------------------- switches
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_remove_restores_plain_gradients_exactly(mode):
+    model = _mlp()
+    x, t = _mlp_data()
+    plain = _grads(model, x, t)
+    handle = grapes(model, mode=mode)
+    modulated = _grads(model, x, t)
+    assert not torch.equal(modulated["0.weight"], plain["0.weight"])
+    pending = _loss(model(x), t)  # a graph built before remove() runs unmodulated
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+    pending.backward()
+    assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
+    after = _grads(model, x, t)
+    assert all(torch.equal(after[n], plain[n]) for n in plain)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not p._backward_hooks for p in model.parameters())
+    grapes(model, mode=mode).remove()  # attachable again once removed
+
+
+def test_pause_and_enabled():
+    model = _mlp()
+    x, t = _mlp_data()
+    plain = _grads(model, x, t)
+    handle = grapes(model)
+    with handle.pause():
+        assert all(torch.equal(g, plain[n]) for n, g in _grads(model, x, t).items())
+    assert handle.enabled
+    handle.enabled = False
+    assert all(torch.equal(g, plain[n]) for n, g in _grads(model, x, t).items())
+    handle.enabled = True
+    assert not torch.equal(_grads(model, x, t)["0.weight"], plain["0.weight"])
+
+
+def test_selection_by_name_regex_and_type():
+    model = _mlp()
+    for kwargs, names in [({"layers": ["2"]}, ["2"]), ({"exclude": [r"[24]"]}, ["0"]),
+                          ({"exclude": ()}, ["0", "2", "4"])]:
+        handle = grapes(model, **kwargs)
+        assert handle.layers == names
+        handle.remove()
+    mixed = nn.Sequential(nn.Linear(2, 2), nn.Conv1d(1, 1, 1))
+    assert grapes(mixed, layers=[nn.Conv1d], exclude=()).layers == ["1"]
+
+
+def test_bad_arguments_raise():
+    model = _mlp()
+    for kwargs in [{"mode": "forward"}, {"clip": (0.0, 2.0)}, {"clip": (-1.0, 2.0)}, {"clip": (2.0, 1.0)},
+                   {"clip": 2.0}, {"importance": "outgoing"}, {"layers": ["nope"]}, {"exclude": ["nope"]},
+                   {"layers": "0"}, {"layers": ["4"]}]:
+        with pytest.raises(ValueError):
+            grapes(model, **kwargs)
+    with pytest.raises(ValueError, match="matches no"):
+        grapes(model, layers=["1"])  # a Tanh: not a modulable layer
+    grapes(model)
+    with pytest.raises(ValueError, match="already"):
+        grapes(model)
+
+
+# ---------------------------------------------------------------------------------- apical
+def test_perforated_neuron_phase_matches_numpy():
+    model = _mlp()
+    x, t = _mlp_data()
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    handle = grapes(model, layers=["0.base", "2", "4"])  # ".base" names mean the dendritic layer
+    assert handle.layers == ["0", "2"]
+    got = _grads(model, x, t)
+    _check(got, _mlp_expected(model, x, t, "propagate", prefix=".base"))
+
+
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_perforated_with_dendrites_scales_base_and_v(mode):
+    model = _mlp()
+    x, t = _mlp_data()
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    for i in (0, 2, 4):
+        model[i].install_random(1.0)
+        with torch.no_grad():
+            model[i].dendrite_out.normal_()  # v != 0: the dendrites shape the output
+    plain = _grads(model, x, t)
+    handle = grapes(model, mode=mode)
+    got = _grads(model, x, t)
+    factors = handle.factors()
+    checked = ("2",) if mode == "propagate" else ("0", "2")  # propagate compounds below "2"
+    for name in checked:
+        f = factors[name]
+        np.testing.assert_allclose(_np(f), np_factor(_np(model.get_submodule(name).base.weight)))  # v ignored
+        _close(got[f"{name}.base.weight"], plain[f"{name}.base.weight"] * f[:, None])
+        _close(got[f"{name}.base.bias"], plain[f"{name}.base.bias"] * f)
+        _close(got[f"{name}.dendrite_out"], plain[f"{name}.dendrite_out"] * f)
+    assert torch.equal(got["4.dendrite_out"], plain["4.dendrite_out"])
+
+
+def _dendrite_phase_model() -> nn.Sequential:
+    model = _mlp()
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    gen = torch.Generator().manual_seed(7)
+    for _, layer in apical.dendritic_layers(model):
+        layer.add_candidates(2, 1.0, generator=gen)
+        layer.set_training_mode("dendrite", True)
+        layer.base.requires_grad_(False)
+    return model
+
+
+def _candidate_grads(model, x, t):
+    for _, layer in apical.dendritic_layers(model):
+        layer.stats.reset()
+    return _grads(model, x, t)
+
+
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_dendrite_phase_leaves_candidates_alone(mode):
+    model = _dendrite_phase_model()
+    x, t = _mlp_data()
+    plain = _candidate_grads(model, x, t)
+    assert plain and all("candidate" in n for n in plain)
+    handle = grapes(model, mode=mode)
+    got = _candidate_grads(model, x, t)
+    assert got.keys() == plain.keys() and all(torch.equal(got[n], plain[n]) for n in plain)
+    handle.remove()
+    if mode == "propagate":  # asked for: the compounded factor of "2" reshapes the error at "0"
+        grapes(model, during_dendrite_phase=True)
+        asked = _candidate_grads(model, x, t)
+        assert not torch.allclose(asked["0.candidate_weight"], plain["0.candidate_weight"])
+        # a layer's own (constant, per-neuron) factor cancels in the normalised covariance
+        _close(asked["2.candidate_weight"], plain["2.candidate_weight"])
+
+
+def test_dendrite_phase_is_model_wide():
+    """A plain layer above a dendritic one must not reshape the error its candidates see."""
+    model = _mlp()
+    apical.perforate(model, apical.DendriteConfig(mode="pb", include=["0"]))
+    layer = model[0]
+    layer.add_candidates(2, 1.0, generator=torch.Generator().manual_seed(8))
+    layer.set_training_mode("dendrite", True)
+    x, t = _mlp_data()
+    plain = _candidate_grads(model, x, t)
+    handle = grapes(model)
+    assert handle.layers == ["0", "2"]
+    got = _candidate_grads(model, x, t)
+    assert torch.equal(got["0.candidate_weight"], plain["0.candidate_weight"])
+    assert torch.equal(got["2.weight"], plain["2.weight"])  # plain "2" unmodulated during the phase
+
+
+def test_parametrized_weight():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="propagate"):
+        grapes(model, mode="local")
+    x, t = torch.randn(5, 3), torch.randn(5, 1)
+    plain = _grads(model, x, t)
+    with grapes(model) as handle:
+        got = _grads(model, x, t)
+        assert handle.factors()["0"].shape == (4,)
+    assert not torch.allclose(got["0.bias"], plain["0.bias"])
