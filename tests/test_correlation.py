@@ -36,9 +36,10 @@ def _capture(model, layer, batches, make_target):
         with torch.no_grad():  # candidate outputs, computed outside the layer by hand
             d_pre = layer._stack_forward(x, layer.dendrite_weight, layer.dendrite_bias)
             a_inst = torch.sigmoid(d_pre)  # one installed set: no cascade among installed
-            pre = layer._stack_forward(x, layer.candidate_weight, layer.candidate_bias)
+            cw, cb, cu = layer.candidate_tensors()  # stored values times the lr scale
+            pre = layer._stack_forward(x, cw, cb)
             ax = layer.set_axis % pre.dim()
-            casc = layer.candidate_cascade[:, 0]  # [C, O]
+            casc = cu[:, 0]  # [C, O]
             pre = pre + layer._chan(casc) * a_inst.select(ax, 0).unsqueeze(ax)
             acts.append(torch.sigmoid(pre))
         out = model(x)
@@ -94,12 +95,16 @@ def test_candidate_gradient_is_the_objective_gradient(normaliser):
     nn.functional.mse_loss(model(x), target).backward()
     h.remove()
     got = layer.candidate_weight.grad.clone()
-    # reference: explicit objective with autograd, the error treated as a constant
-    w = layer.candidate_weight.detach().clone().requires_grad_(True)
+    # reference: explicit objective with autograd, the error treated as a constant. The stored
+    # weight is the effective one divided by the scale, and the tap divides its gradient by the
+    # scale too, so the stored weight's gradient equals the objective's gradient in the
+    # effective weight.
+    cw, cb, cu = (t.detach() for t in layer.candidate_tensors())
+    assert layer.candidate_scale == 10.0 and torch.allclose(cw, layer.candidate_weight * 10)
+    w = cw.clone().requires_grad_(True)
     with torch.no_grad():
         a_inst = torch.sigmoid(layer._stack_forward(x, layer.dendrite_weight, layer.dendrite_bias))[..., 0, :]
-    pre = layer._stack_forward(x, w, layer.candidate_bias.detach())
-    pre = pre + layer.candidate_cascade.detach()[:, 0] * a_inst[:, None]
+    pre = layer._stack_forward(x, w, cb) + cu[:, 0] * a_inst[:, None]
     a = torch.sigmoid(pre).double()  # [N, C, O]
     d = deltas[0].double()[:, None, :]
     ac, dc = a - a.mean(0), d - d.mean(0)

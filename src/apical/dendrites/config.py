@@ -72,6 +72,10 @@ class DendriteConfig:
     init_scale: float = 1.0
     """Candidate input weights start as ``randn * init_scale / sqrt(fan_in)``."""
 
+    candidate_lr_scale: float = 10.0
+    """Candidates learn this many times faster than the optimiser's learning rate (they are
+    stored divided by it, for Adam-like and SGD optimisers alike), without a second optimiser."""
+
     output_init: float = 0.0
     """Initial dendrite-to-neuron weight of a new set. 0 keeps the network's function
     exactly at insertion; a positive value starts ``v = -sign(corr) * output_init``
@@ -110,7 +114,7 @@ class DendriteConfig:
                 f"DendriteConfig.min_dendrite_epochs ({self.min_dendrite_epochs}) exceeds "
                 f"max_dendrite_epochs ({self.max_dendrite_epochs})"
             )
-        for name in ("init_scale",):
+        for name in ("init_scale", "candidate_lr_scale"):
             self._check_float(name, positive=True)
         for name in ("output_init", "improvement_threshold_raw", "dendrite_improvement"):
             self._check_float(name, positive=False)

@@ -161,7 +161,10 @@ class _CorrelationTap(torch.autograd.Function):
         if stats is None:  # candidates were dropped between forward and backward
             return grad_z, None, None
         stats.accumulate(a, grad_z, layer)
-        return grad_z, stats.gradient(a, grad_z, layer), None
+        grad_a = stats.gradient(a, grad_z, layer)
+        if layer.candidate_scale != 1.0:  # so that plain SGD, like Adam, moves candidates `scale` times faster
+            grad_a = grad_a / layer.candidate_scale
+        return grad_z, grad_a, None
 
 
 def correlation_tap(z: Tensor, a: Tensor, layer: DendriticLayer) -> Tensor:

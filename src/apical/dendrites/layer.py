@@ -49,6 +49,7 @@ class DendriticLayer(nn.Module):
         self.perforated = True  # pb: dendrites read x.detach() and are frozen in the neuron phase
         self.normaliser = "error"
         self.centring = "batch"
+        self.candidate_scale = 1.0  # candidates are stored divided by this: a learning-rate multiplier
         self.train_forwards = 0  # training forward passes since the controller last looked
         factory = {"device": weight.device, "dtype": weight.dtype}
         o = self.out_channels
@@ -110,8 +111,8 @@ class DendriticLayer(nn.Module):
         """Create ``count`` fresh candidate sets (dendrite phase) and empty statistics."""
         w, b = self._random_sets(count, init_scale, generator)
         f = self._factory()
-        self.candidate_weight = nn.Parameter(w)
-        self.candidate_bias = nn.Parameter(b)
+        self.candidate_weight = nn.Parameter(w / self.candidate_scale)
+        self.candidate_bias = nn.Parameter(b / self.candidate_scale)
         self.candidate_cascade = nn.Parameter(torch.zeros(count, self.num_dendrites, self.out_channels, **f))
         for p in (self.candidate_weight, self.candidate_bias, self.candidate_cascade):
             p._apical_candidate = True  # lets optimiser builders give candidates their own group
@@ -157,15 +158,21 @@ class DendriticLayer(nn.Module):
         o = self.out_channels
         best = scores.argmax(dim=0).to(self.candidate_weight.device)  # [O]
         cols = torch.arange(o, device=best.device)
-        w = self.candidate_weight.detach()[best, cols]
-        b = self.candidate_bias.detach()[best, cols]
-        u = self.candidate_cascade.detach()[best, :, cols].transpose(0, 1)  # [D, O]
+        cw, cb, cu = (t.detach() for t in self.candidate_tensors())
+        w, b = cw[best, cols], cb[best, cols]
+        u = cu[best, :, cols].transpose(0, 1)  # [D, O]
         v = torch.zeros(o, **self._factory())
         if output_init > 0 and signs is not None:
             v = -signs.to(v)[best.cpu(), cols.cpu()].to(v.device) * output_init
         self._append_set(w, b, u, v)
         self.drop_candidates()
         return best
+
+    def candidate_tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Effective candidate weight, bias and cascade (stored values times the scale)."""
+        s = self.candidate_scale
+        tensors = (self.candidate_weight, self.candidate_bias, self.candidate_cascade)
+        return tensors if s == 1.0 else tuple(t * s for t in tensors)
 
     def remove_last(self) -> None:
         """Remove the most recently installed set (keep-or-revert)."""
@@ -232,11 +239,10 @@ class DendriticLayer(nn.Module):
             a = self.dendrite_activations(x)
             z = z + (self._chan(self.dendrite_out) * a).sum(self.set_axis)
         if c and training:
-            pre = self._stack_forward(x.detach(), self.candidate_weight, self.candidate_bias)
-            if d:
-                a_const = a.detach()
-                # candidate c gets sum_e u[c, e] * a_e, per neuron: [C, D, O] x stack[D, O]
-                pre = pre + self._cascade_into_candidates(a_const)
+            cw, cb, cu = self.candidate_tensors()
+            pre = self._stack_forward(x.detach(), cw, cb)
+            if d:  # candidate c gets sum_e u[c, e] * a_e from the installed dendrites, per neuron
+                pre = pre + torch.einsum(self.cascade_equation, a.detach(), cu)
             a_c = ACTIVATION_FNS[self.activation](pre)
             z = correlation_tap(z, a_c, self)
         return z
@@ -245,9 +251,6 @@ class DendriticLayer(nn.Module):
     cascade_equation = ""
     #: einsum summing candidate output x neuron error over observations into [C, O]
     stats_equation = ""
-
-    def _cascade_into_candidates(self, a: Tensor) -> Tensor:
-        return torch.einsum(self.cascade_equation, a, self.candidate_cascade)
 
     # ------------------------------------------------------------------ statistics hooks
     def observation_dims(self, stacked: bool, ndim: int) -> tuple[int, ...]:

@@ -126,6 +126,7 @@ def perforate(model: nn.Module, config: DendriteConfig | None = None) -> nn.Modu
         wrapper = layer_class_for(base)(base, activation=config.activation)
         wrapper.normaliser = config.normaliser
         wrapper.centring = config.centring
+        wrapper.candidate_scale = float(config.candidate_lr_scale)
         wrapper.set_training_mode("neuron", perforated=config.mode == "pb")
         wrapper.train(base.training)
         setattr(parent, attr, wrapper)
