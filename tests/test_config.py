@@ -52,3 +52,13 @@ def test_threshold_list_indexed_by_dendrites():
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown"):
         DendriteConfig.from_dict({"mode": "pb", "colour": "red"})
+
+
+def test_every_field_is_documented_and_the_reference_is_current():
+    import dataclasses
+    from pathlib import Path
+
+    from apical.dendrites.config import config_reference, field_docs
+    assert set(field_docs()) == {f.name for f in dataclasses.fields(DendriteConfig)}
+    page = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert page.read_text() == config_reference(), "regenerate: python -m apical.dendrites.config > docs/config.md"

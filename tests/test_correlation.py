@@ -74,7 +74,8 @@ def test_epoch_statistics_match_numpy(module, shape):
     acts, deltas = _capture(model, layer, batches, lambda out: target.expand_as(out) + out.detach() ** 2)
     cov, score_err, score_pearson = _numpy_reference(acts, deltas, layer)
     moments = layer.stats.moments()
-    np.testing.assert_allclose(moments["cov"].numpy(), cov, rtol=1e-5, atol=1e-12)
+    # rtol 1e-5, plus an atol far below the scale of the covariances for entries near zero
+    np.testing.assert_allclose(moments["cov"].numpy(), cov, rtol=1e-5, atol=1e-6 * np.abs(cov).max())
     np.testing.assert_allclose(layer.stats.scores("error").numpy(), score_err, rtol=1e-5)
     np.testing.assert_allclose(layer.stats.scores("pearson").numpy(), score_pearson, rtol=1e-5)
     n_obs = sum(d.numel() // layer.out_channels for d in deltas)

@@ -1,5 +1,6 @@
 """apical: artificial dendrites for any PyTorch network (Perforated Backpropagation), and GRAPES."""
 
+from apical.checkpoint import CheckpointError, load, save
 from apical.dendrites import (
     Controller,
     DendriteConfig,
@@ -20,6 +21,7 @@ from apical.dendrites import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "Controller",
     "DendriteConfig",
     "DendriticConv",
@@ -31,8 +33,10 @@ __all__ = [
     "apply_structure",
     "dendrite_count",
     "dendritic_layers",
+    "load",
     "parameter_count",
     "perforate",
+    "save",
     "structure",
     "unwrap",
 ]

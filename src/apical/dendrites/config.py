@@ -219,3 +219,41 @@ def _resolve_type(spec: str) -> type[nn.Module]:
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ValueError(f"DendriteConfig: unknown module type {path!r}")
     return obj
+
+
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in this file's source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(DendriteConfig)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_reference() -> str:
+    """The Markdown configuration reference (docs/config.md), generated from the docstrings."""
+    docs = field_docs()
+    lines = [
+        "# DendriteConfig reference",
+        "",
+        "Generated from the field docstrings of `apical.DendriteConfig` by",
+        "`python -m apical.dendrites.config > docs/config.md`; a test keeps it current.",
+        "",
+        "| field | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for f in dataclasses.fields(DendriteConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"| `{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from apical.dendrites import _dist
 from apical.dendrites.config import DendriteConfig
 from apical.dendrites.layer import DendriticLayer
 from apical.dendrites.model import apply_structure, dendritic_layers, parameter_count, structure
@@ -68,9 +69,9 @@ class Controller:
                 f"layers {mismatch[:3]} were perforated with another activation than the config's "
                 f"{self.config.activation!r}: use the same DendriteConfig for perforate and Controller"
             )
-        self._generator = None
-        if self.config.seed is not None:
-            self._generator = torch.Generator().manual_seed(self.config.seed)
+        # a private generator, so that the controller's state alone resumes candidate draws
+        seed = self.config.seed if self.config.seed is not None else int(torch.randint(2**62, ()))
+        self._generator = torch.Generator().manual_seed(seed)
         own = self._dendrite_param_ids()
         self._base_flags = {n: p.requires_grad for n, p in model.named_parameters() if id(p) not in own}
         self._bn_momentum: dict[str, float | None] = {}
@@ -109,7 +110,7 @@ class Controller:
         """Record one epoch's validation score and take the cycle's decisions."""
         if self.done:
             raise RuntimeError("training is already done: the model holds the best network; stop calling step()")
-        score = self._check_score(score)
+        score = self._check_score(self._synchronise(score))
         if self._forwards == 0:
             raise RuntimeError(
                 "step() was called before any training batch this epoch: run the epoch's training "
@@ -308,6 +309,33 @@ class Controller:
             )
         return value
 
+    def _synchronise(self, score: float | Tensor) -> float | Tensor:
+        """Under torch.distributed (world > 1): the mean of every rank's score, so that every rank
+        takes the same decisions; also checks that the ranks agree on the cycle's state and on the
+        dendrite phase's statistics (identical by construction). One small all-gather per epoch."""
+        world = _dist.world_size()
+        if world == 1:
+            return score
+        try:
+            value, error = self._check_score(score), None
+        except (TypeError, ValueError) as err:  # still take part in the gather: no rank may hang
+            value, error = math.nan, err
+        stats = [layer.stats for _, layer in self.layers if layer.stats is not None and not layer.stats.empty]
+        mine = [value, self.epoch, self.dendrites, float(self.phase == "dendrite"),
+                sum(s.n for s in stats), math.fsum(float(s.flat().sum()) for s in stats)]
+        rows = _dist.all_gather(torch.tensor(mine, dtype=torch.float64)).tolist()
+        if error is not None:
+            raise error
+        ref = rows[0]
+        for rank, row in enumerate(rows):
+            if row[1:5] != ref[1:5] or abs(row[5] - ref[5]) > 1e-9 * max(abs(ref[5]), 1.0):
+                raise RuntimeError(
+                    f"apical: rank {rank} disagrees with rank 0 at step() (epoch, dendrites, dendrite phase, "
+                    f"observations, statistics checksum: {row[1:]} vs {ref[1:]}); every rank must train the "
+                    "same number of batches per epoch and call step() once per epoch"
+                )
+        return math.fsum(r[0] for r in rows) / world
+
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         if module.training and torch.is_grad_enabled():
             self._forwards += 1
@@ -376,7 +404,8 @@ class Controller:
                 f"controller state version {state['version']!r} is not supported (this apical reads "
                 f"version {STATE_VERSION})"
             )
-        saved = DendriteConfig.from_dict(state["config"])
+        saved_config = {k: v for k, v in state["config"].items() if k not in ("include", "exclude")}
+        saved = DendriteConfig.from_dict(saved_config)  # include/exclude only matter to perforate
         if saved.mode != self.config.mode:
             raise ValueError(f"controller state is for mode {saved.mode!r}, this controller runs {self.config.mode!r}")
         counters = state["counters"]
@@ -385,6 +414,12 @@ class Controller:
             raise ValueError(f"controller state counters do not match: {sorted(unknown)}")
         if counters["phase"] not in ("neuron", "dendrite"):
             raise ValueError(f"controller state has an unknown phase {counters['phase']!r}")
+        layers = dict(self.layers)
+        if set(state["structure"]) != set(layers):
+            raise ValueError(
+                f"controller state structure names layers {sorted(state['structure'])[:5]}, the model has "
+                f"{sorted(layers)[:5]}"
+            )
         apply_structure(self.model, state["structure"])
         for k in _COUNTERS:
             setattr(self, k, counters[k])
@@ -394,7 +429,6 @@ class Controller:
         self._accepted_state = state.get("accepted_state")
         self._dp_snapshot = state.get("dp_snapshot")
         if state.get("generator") is not None:
-            self._generator = torch.Generator()
             self._generator.set_state(state["generator"])
         self._forwards = 0
         self._apply_phase()

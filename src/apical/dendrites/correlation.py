@@ -14,6 +14,12 @@ The candidates learn inside the user's own ``loss.backward()``: the layer's outp
 through :func:`correlation_tap`, an identity in the forward pass whose backward reads the
 neuron's error, updates the statistics, and hands the candidates the gradient of
 ``-sign(cov) * normalised covariance`` on the current mini-batch.
+
+Under ``torch.distributed`` (world size W > 1, e.g. DistributedDataParallel) each backward
+all-reduces the batch's sums (one float64 buffer per layer), so every rank holds the statistics
+of the global batches, centres the error on the global batch mean, and hands its candidates W
+times its share of the global batch's gradient: DDP's averaging then yields exactly the
+gradient a single process computes on the global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from apical.dendrites import _dist
 
 if TYPE_CHECKING:
     from apical.dendrites.layer import DendriticLayer
@@ -73,6 +81,48 @@ class CorrelationStats:
             self.s_ad += torch.einsum(layer.stats_equation, ac, dc).double()
             self.n += float(d.numel() // self.neurons)
 
+    def accumulate_global(self, a: Tensor, d: Tensor, layer: DendriticLayer) -> tuple[float, Tensor]:
+        """:meth:`accumulate` under torch.distributed: add this step's batch of every rank.
+
+        The batch's sums travel in one float64 all-reduce. The first batch of an epoch is
+        summed raw (float64) and its global mean becomes the shift, identical on every rank.
+        Returns the global batch's observation count and mean error per neuron.
+        """
+        with torch.no_grad():
+            a = a.detach().float() if a.dtype in (torch.float16, torch.bfloat16) else a.detach()
+            d = d.detach().to(a.dtype)
+            dims_a = layer.observation_dims(True, a.dim())
+            dims_d = layer.observation_dims(False, d.dim())
+            first = self.shift_a is None
+            if first:
+                ac, dc = a.double(), d.double()
+            else:
+                ac, dc = a - layer._chan(self.shift_a), d - layer._chan(self.shift_d)
+            parts = [torch.full((1,), float(d.numel() // self.neurons), dtype=torch.float64, device=a.device),
+                     ac.sum(dims_a), dc.sum(dims_d), (ac * ac).sum(dims_a), (dc * dc).sum(dims_d),
+                     torch.einsum(layer.stats_equation, ac, dc)]
+            buf = _dist.all_reduce_sum(torch.cat([t.double().reshape(-1) for t in parts]))
+            c, o = self.candidates, self.neurons
+            n_t, s_a, s_d, s_aa, s_dd, s_ad = buf.split([1, c * o, o, c * o, o, c * o])
+            n = float(n_t)
+            s_a, s_aa, s_ad = s_a.view(c, o), s_aa.view(c, o), s_ad.view(c, o)
+            if first:  # shift = the global first batch's mean; re-centre the raw sums on it
+                self.shift_a, self.shift_d = (s_a / n).to(a.dtype), (s_d / n).to(a.dtype)
+                sa, sd = self.shift_a.double(), self.shift_d.double()
+                s_aa = s_aa - 2 * sa * s_a + n * sa * sa
+                s_dd = s_dd - 2 * sd * s_d + n * sd * sd
+                s_ad = s_ad - sd * s_a - sa * s_d + n * sa * sd
+                s_a, s_d = s_a - n * sa, s_d - n * sd
+                self.s_a, self.s_d, self.s_aa, self.s_dd, self.s_ad = (t.clone() for t in (s_a, s_d, s_aa, s_dd, s_ad))
+            else:
+                self.s_a += s_a
+                self.s_d += s_d
+                self.s_aa += s_aa
+                self.s_dd += s_dd
+                self.s_ad += s_ad
+            self.n += n
+            return n, self.shift_d.double() + s_d / n
+
     # moments of the epoch so far -------------------------------------------------------
     def moments(self) -> dict[str, Tensor]:
         """Means, variances and covariance (float64) of everything accumulated."""
@@ -120,15 +170,24 @@ class CorrelationStats:
             i += t.numel()
 
     # the candidates' gradient -----------------------------------------------------------
-    def gradient(self, a: Tensor, d: Tensor, layer: DendriticLayer) -> Tensor:
-        """d(-objective)/da for this mini-batch, in ``a``'s shape and dtype."""
+    def gradient(self, a: Tensor, d: Tensor, layer: DendriticLayer,
+                 batch: tuple[float, Tensor] | None = None) -> Tensor:
+        """d(-objective)/da for this mini-batch, in ``a``'s shape and dtype.
+
+        ``batch``: the global batch's count and mean error (from :meth:`accumulate_global`);
+        by default this process's batch.
+        """
         with torch.no_grad():
             m = self.moments()
             work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
             af, df = a.detach().to(work), d.detach().to(work)
             dims_d = layer.observation_dims(False, df.dim())
-            nb = df.numel() // self.neurons
-            mu_d = df.mean(dims_d) if layer.centring == "batch" else m["mean_d"].to(work)
+            if batch is None:
+                nb = df.numel() // self.neurons
+                mu_d = df.mean(dims_d) if layer.centring == "batch" else m["mean_d"].to(work)
+            else:
+                nb = batch[0]
+                mu_d = (batch[1] if layer.centring == "batch" else m["mean_d"]).to(work)
             sd_d = m["var_d"].sqrt().clamp_min(_EPS)
             sign = torch.where(m["cov"] >= 0, 1.0, -1.0).to(torch.float64)
             dc = (df - layer._chan(mu_d)).unsqueeze(layer.set_axis % a.dim())
@@ -160,8 +219,13 @@ class _CorrelationTap(torch.autograd.Function):
         stats = layer.stats
         if stats is None:  # candidates were dropped between forward and backward
             return grad_z, None, None
-        stats.accumulate(a, grad_z, layer)
-        grad_a = stats.gradient(a, grad_z, layer)
+        world = _dist.world_size()
+        if world > 1:  # DDP averages over ranks: W x this rank's share gives the global gradient
+            batch = stats.accumulate_global(a, grad_z, layer)
+            grad_a = stats.gradient(a, grad_z, layer, batch) * world
+        else:
+            stats.accumulate(a, grad_z, layer)
+            grad_a = stats.gradient(a, grad_z, layer)
         if layer.candidate_scale != 1.0:  # so that plain SGD, like Adam, moves candidates `scale` times faster
             grad_a = grad_a / layer.candidate_scale
         return grad_z, grad_a, None

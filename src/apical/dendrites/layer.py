@@ -100,23 +100,25 @@ class DendriticLayer(nn.Module):
         self.dendrite_cascade = nn.Parameter(torch.zeros(d, d, o, **f), False)
         self.dendrite_out = nn.Parameter(torch.zeros(d, o, **f))
         if candidates:
-            self.candidate_weight = nn.Parameter(torch.zeros(candidates, o, *self.weight_tail, **f))
-            self.candidate_bias = nn.Parameter(torch.zeros(candidates, o, **f))
-            self.candidate_cascade = nn.Parameter(torch.zeros(candidates, d, o, **f))
-            self.stats = CorrelationStats(candidates, o)
+            self._set_candidates(torch.zeros(candidates, o, *self.weight_tail, **f),
+                                 torch.zeros(candidates, o, **f), torch.zeros(candidates, d, o, **f))
         else:
             self.drop_candidates()
 
     def add_candidates(self, count: int, init_scale: float, generator: torch.Generator | None = None) -> None:
         """Create ``count`` fresh candidate sets (dendrite phase) and empty statistics."""
         w, b = self._random_sets(count, init_scale, generator)
-        f = self._factory()
-        self.candidate_weight = nn.Parameter(w / self.candidate_scale)
-        self.candidate_bias = nn.Parameter(b / self.candidate_scale)
-        self.candidate_cascade = nn.Parameter(torch.zeros(count, self.num_dendrites, self.out_channels, **f))
+        u = torch.zeros(count, self.num_dendrites, self.out_channels, **self._factory())
+        self._set_candidates(w / self.candidate_scale, b / self.candidate_scale, u)
+
+    def _set_candidates(self, w: Tensor, b: Tensor, u: Tensor) -> None:
+        """Install stored candidate tensors (already divided by the scale) and fresh statistics."""
+        self.candidate_weight = nn.Parameter(w)
+        self.candidate_bias = nn.Parameter(b)
+        self.candidate_cascade = nn.Parameter(u)
         for p in (self.candidate_weight, self.candidate_bias, self.candidate_cascade):
             p._apical_candidate = True  # lets optimiser builders give candidates their own group
-        self.stats = CorrelationStats(count, self.out_channels)
+        self.stats = CorrelationStats(int(w.shape[0]), self.out_channels)
 
     def drop_candidates(self) -> None:
         self.candidate_weight = None

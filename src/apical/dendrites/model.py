@@ -190,4 +190,6 @@ def apply_structure(model: nn.Module, record: dict[str, dict[str, int]]) -> None
         d, c = int(entry["dendrites"]), int(entry.get("candidates", 0))
         if d < 0 or c < 0:
             raise PerforationError(f"structure: negative count for layer {name!r}")
-        layers[name].resize(d, c)
+        layer = layers[name]
+        if (layer.num_dendrites, layer.num_candidates) != (d, c):  # keep Parameter objects that fit
+            layer.resize(d, c)
