@@ -1,5 +1,6 @@
 """apical: artificial dendrites for any PyTorch network (Perforated Backpropagation), and GRAPES."""
 
+from apical import distributed
 from apical.checkpoint import CheckpointError, load, save
 from apical.dendrites import (
     Controller,
@@ -17,6 +18,7 @@ from apical.dendrites import (
     structure,
     unwrap,
 )
+from apical.export import export
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,8 @@ __all__ = [
     "apply_structure",
     "dendrite_count",
     "dendritic_layers",
+    "export",
+    "distributed",
     "load",
     "parameter_count",
     "perforate",

@@ -10,7 +10,10 @@ per-channel part: the cascade between a neuron's own dendrites and the ``v``-wei
     a_k = f(y_k + sum_{e<k} u[k, e] * a_e)       # per channel, k = 1..D
     z = y_0 + sum_k v[k] * a_k
 
-A layer without installed dendrites becomes its wrapped module again.
+A layer without installed dendrites becomes its wrapped module again. In eager inference
+(autograd off, not tracing / compiling / exporting) the per-channel part works in place on the
+fused output, with no temporaries; otherwise it is functional, so graph capture and
+backpropagation see ordinary out-of-place operations.
 
 What the export drops: everything used only to train or grow dendrites. Candidate dendrites
 (of a dendrite phase in progress) and their correlation statistics, the per-layer training
@@ -56,6 +59,26 @@ _HOOK_DICTS = (
     "_backward_pre_hooks",
 )
 _KEPT_HOOK_TYPES = (WeightNorm, SpectralNorm)
+_IN_PLACE = {"sigmoid": torch.sigmoid_, "tanh": torch.tanh_, "relu": torch.relu_}
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return bool(torch._dynamo.is_compiling())
+
+
+def _eager_inference() -> bool:
+    """True in plain eager inference (no autograd, no tracing, compiling or ONNX export): the
+    fused modules may then work in place; graph capture always sees the functional form."""
+    return not (
+        torch.is_grad_enabled()
+        or torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or _compiling()
+    )
 
 
 class _FusedDendrites(nn.Module):
@@ -83,19 +106,39 @@ class _FusedDendrites(nn.Module):
         self.dendrite_out = nn.Parameter(v.clone())
         self.dendrite_cascade = nn.Parameter(u.clone())
 
-    def _add_dendrites(self, z: Tensor, pre: list[Tensor]) -> Tensor:
-        """``z + sum_k v_k a_k`` from the D pre-activation slices ``pre``."""
+    def _combine(self, y: Tensor, axis: int) -> Tensor:
+        """``z + sum_k v_k a_k`` from the fused output ``y``, whose ``axis`` indexes the
+        wrapped layer's part (0) and the dendrite sets' pre-activations (1..D)."""
+        if _eager_inference():
+            return self._combine_in_place(y, axis)
         act = ACTIVATION_FNS[self.activation]
         v, u = self.dendrite_out, self.dendrite_cascade
+        slices = y.unbind(axis)
+        z = slices[0]
         outs: list[Tensor] = []
         for k in range(self.dendrites):
-            h = pre[k]
+            h = slices[k + 1]
             if self.cascaded:
                 for e in range(k):
                     h = torch.addcmul(h, u[k, e], outs[e])
             a = act(h)
             outs.append(a)
             z = torch.addcmul(z, v[k], a)
+        return z
+
+    def _combine_in_place(self, y: Tensor, axis: int) -> Tensor:
+        """The same without autograd: the cascade and the activations overwrite ``y``'s dendrite
+        slices (no temporaries), and the sum is accumulated into one new tensor."""
+        act_ = _IN_PLACE[self.activation]
+        v, u = self.dendrite_out, self.dendrite_cascade
+        z = y.select(axis, 0)
+        for k in range(self.dendrites):
+            h = y.select(axis, k + 1)
+            if self.cascaded:
+                for e in range(k):
+                    h.addcmul_(u[k, e], y.select(axis, e + 1))
+            act_(h)
+            z = torch.addcmul(z, v[k], h) if k == 0 else z.addcmul_(v[k], h)
         return z
 
     def extra_repr(self) -> str:
@@ -126,8 +169,7 @@ class FusedDendriticLinear(_FusedDendrites):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.linear(x).unflatten(-1, (1 + self.dendrites, self.out_features))
-        slices = y.unbind(-2)
-        return self._add_dendrites(slices[0], list(slices[1:]))
+        return self._combine(y, y.dim() - 2)
 
 
 class FusedDendriticConv(_FusedDendrites):
@@ -166,8 +208,7 @@ class FusedDendriticConv(_FusedDendrites):
         n, sp = y.shape[0], y.shape[2:]
         # [N, g * (1+D) * O/g, *sp] -> [N, g, 1+D, O/g, *sp]: a view, no copy
         y = y.unflatten(1, (self.groups, 1 + self.dendrites, self.out_channels // self.groups))
-        slices = y.unbind(2)
-        z = self._add_dendrites(slices[0], list(slices[1:]))  # [N, g, O/g, *sp]
+        z = self._combine(y, 2)  # [N, g, O/g, *sp]
         z = z.reshape(n, self.out_channels, *sp)
         return z.squeeze(0) if unbatched else z
 
@@ -183,7 +224,7 @@ def fuse_layer(layer: DendriticLayer) -> nn.Module:
     """The inference module for one dendritic layer: its fused form, or a copy of its wrapped
     module when it has no installed dendrites (candidates are ignored)."""
     if layer.num_dendrites == 0:
-        return _strip_hooks(copy.deepcopy(layer.base)).eval()
+        return _plain_copy(layer.base).eval()
     if isinstance(layer, DendriticLinear):
         fused: nn.Module = FusedDendriticLinear(layer)
     elif isinstance(layer, DendriticConv):
@@ -208,11 +249,27 @@ def _kept_hooks(module: nn.Module) -> dict[str, OrderedDict]:
     return out
 
 
-def _strip_hooks(model: nn.Module) -> nn.Module:
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """Deep copy of ``model`` with dendritic layers fused and hooks filtered.
+
+    The memo is pre-seeded: each dendritic layer is "copied" as its fused module and each hook
+    dict as its filtered version, so neither candidates nor a controller (reachable through
+    its bound-method hook) are ever copied.
+    """
+    memo: dict[int, object] = {}
     for module in model.modules():
+        if isinstance(module, DendriticLayer):
+            memo[id(module)] = fuse_layer(module)
+            continue
         for name, hooks in _kept_hooks(module).items():
-            setattr(module, name, hooks)
-    return model
+            memo[id(getattr(module, name))] = hooks
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            # weight_norm / spectral_norm leave the weight they computed on the module: not a
+            # graph leaf, so it cannot be deep-copied; the kept hook recomputes it anyway
+            computed = getattr(module, hook.name, None) if isinstance(hook, _KEPT_HOOK_TYPES) else None
+            if isinstance(computed, Tensor) and not computed.is_leaf:
+                memo[id(computed)] = computed.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def export(model: nn.Module) -> nn.Module:
@@ -230,15 +287,4 @@ def export(model: nn.Module) -> nn.Module:
         raise TypeError(f"apical.export expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, DendriticLayer):
         return fuse_layer(model)
-    # deepcopy with a pre-seeded memo: each dendritic layer is "copied" as its fused module and
-    # each hook dict as its filtered version, so neither candidates nor a controller (reachable
-    # through its bound-method hook) are ever copied
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        if isinstance(module, DendriticLayer):
-            memo[id(module)] = fuse_layer(module)
-        else:
-            for name, hooks in _kept_hooks(module).items():
-                memo[id(getattr(module, name))] = hooks
-    exported = copy.deepcopy(model, memo)
-    return exported.eval()
+    return _plain_copy(model).eval()

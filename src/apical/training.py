@@ -5,6 +5,7 @@ It is the loop the README shows a user writing; nothing in the library depends o
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,7 @@ def fit(
     weight_decay: float = 0.0,
     candidate_lr: float | None = None,
     on_epoch: Callable[[nn.Module, Controller], None] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Perforate ``model`` per ``config``, train it with a Controller, return what happened.
 
@@ -88,7 +90,7 @@ def fit(
         model = model()
     if config.mode != "none":
         perforate(model, config)
-    ctl = Controller(model, config, maximize=True)
+    ctl = Controller(model, config, maximize=True, run_dir=run_dir)
     make_opt = _optimizer_factory(optimizer, lr, weight_decay, candidate_lr)
     opt = make_opt(ctl.parameters())
     criterion = loss_fn(split.task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,13 @@ class Controller:
     ``restructured``.
     """
 
-    def __init__(self, model: nn.Module, config: DendriteConfig | None = None, maximize: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DendriteConfig | None = None,
+        maximize: bool = True,
+        run_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.model = model
         self.config = config or DendriteConfig()
         self.maximize = bool(maximize)
@@ -96,6 +103,11 @@ class Controller:
         self._accepted_state: dict[str, Tensor] | None = None
         self._dp_snapshot: dict[str, dict[str, Tensor]] | None = None
         self._apply_phase()
+        self._record = None
+        if run_dir is not None:  # opt-in run record: history.csv and summary.json, nothing else
+            from apical.record import RunRecord
+
+            self._record = RunRecord(run_dir, self)
 
     # ------------------------------------------------------------------ public API
     def parameters(self):
@@ -138,6 +150,8 @@ class Controller:
             "event": ",".join(events),
             "correlation": self._correlation,
         })
+        if self._record is not None:
+            self._record.on_step(self)
         for event in events:
             if event not in ("improved", "correlation_improved"):
                 log.info("epoch %d: %s (dendrites=%d, score=%.6g)", self.epoch, event, self.dendrites, score)
@@ -171,6 +185,8 @@ class Controller:
         elif self._accepted_state is None:
             self._accept()
         self._finish(events)
+        if self._record is not None:
+            self._record.on_finish(self)
         score = self.accepted_score if self.accepted_score is not None else float("nan")
         return Step(restructured, True, self.phase, self.dendrites, self.epoch, ",".join(events), score,
                     self.best)

@@ -78,7 +78,9 @@ class CorrelationStats:
             self.s_aa += (ac * ac).sum(dims_a).double()
             self.s_d += dc.sum(dims_d).double()
             self.s_dd += (dc * dc).sum(dims_d).double()
-            self.s_ad += torch.einsum(layer.stats_equation, ac, dc).double()
+            # sum_p ac * dc per (candidate, neuron), as a broadcast product: an einsum here
+            # lowers to a batched matmul over neurons with permuted copies (10-20x slower)
+            self.s_ad += ac.mul_(dc.unsqueeze(layer.set_axis % ac.dim())).sum(dims_a).double()
             self.n += float(d.numel() // self.neurons)
 
     def accumulate_global(self, a: Tensor, d: Tensor, layer: DendriticLayer) -> tuple[float, Tensor]:
@@ -100,7 +102,7 @@ class CorrelationStats:
                 ac, dc = a - layer._chan(self.shift_a), d - layer._chan(self.shift_d)
             parts = [torch.full((1,), float(d.numel() // self.neurons), dtype=torch.float64, device=a.device),
                      ac.sum(dims_a), dc.sum(dims_d), (ac * ac).sum(dims_a), (dc * dc).sum(dims_d),
-                     torch.einsum(layer.stats_equation, ac, dc)]
+                     (ac * dc.unsqueeze(layer.set_axis % ac.dim())).sum(dims_a)]
             buf = _dist.all_reduce_sum(torch.cat([t.double().reshape(-1) for t in parts]))
             c, o = self.candidates, self.neurons
             n_t, s_a, s_d, s_aa, s_dd, s_ad = buf.split([1, c * o, o, c * o, o, c * o])

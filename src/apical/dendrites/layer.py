@@ -206,19 +206,28 @@ class DendriticLayer(nn.Module):
         raise NotImplementedError
 
     def _cascade(self, pre: Tensor, cascade: Tensor) -> Tensor:
-        """Installed dendrites' activations from their pre-activations (stack layout)."""
+        """Installed dendrites' activations from their pre-activations (stack layout).
+
+        The per-channel cascade is the only sequential part (D small steps). Without autograd
+        (pb, eval) it runs in place on ``pre``.
+        """
+        ax, d = self.set_axis, pre.shape[self.set_axis]
+        if not (torch.is_grad_enabled() and (pre.requires_grad or cascade.requires_grad)):
+            act_ = getattr(torch, f"{self.activation}_")
+            for k in range(d):
+                h = pre.select(ax, k)
+                for e in range(k):
+                    h.addcmul_(self._chan(cascade[k, e]), pre.select(ax, e))
+                act_(h)
+            return pre
         act = ACTIVATION_FNS[self.activation]
-        d = pre.shape[self.set_axis]
-        if d == 1:
-            return act(pre)
         outs: list[Tensor] = []
-        for k in range(d):  # the per-channel cascade is the only sequential part
-            h = pre.select(self.set_axis, k)
-            if k:
-                prev = torch.stack(outs, self.set_axis)
-                h = h + (self._chan(cascade[k, :k]) * prev).sum(self.set_axis)
+        for k in range(d):
+            h = pre.select(ax, k)
+            for e in range(k):
+                h = torch.addcmul(h, self._chan(cascade[k, e]), outs[e])
             outs.append(act(h))
-        return torch.stack(outs, self.set_axis)
+        return torch.stack(outs, ax)
 
     def dendrite_activations(self, x: Tensor) -> Tensor:
         """Installed dendrites' outputs ``a`` in stack layout (with or without grad, per mode)."""
@@ -239,12 +248,17 @@ class DendriticLayer(nn.Module):
         a = None
         if d:
             a = self.dendrite_activations(x)
-            z = z + (self._chan(self.dendrite_out) * a).sum(self.set_axis)
+            v = self.dendrite_out
+            for k in range(d):  # z += v_k * a_k, per channel
+                z = torch.addcmul(z, self._chan(v[k]), a.select(self.set_axis, k))
         if c and training:
             cw, cb, cu = self.candidate_tensors()
             pre = self._stack_forward(x.detach(), cw, cb)
             if d:  # candidate c gets sum_e u[c, e] * a_e from the installed dendrites, per neuron
-                pre = pre + torch.einsum(self.cascade_equation, a.detach(), cu)
+                ax = self.set_axis % pre.dim()
+                a_const = a.detach()
+                for e in range(d):
+                    pre = torch.addcmul(pre, self._chan(cu[:, e]), a_const.select(ax, e).unsqueeze(ax))
             a_c = ACTIVATION_FNS[self.activation](pre)
             z = correlation_tap(z, a_c, self)
         return z

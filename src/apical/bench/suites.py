@@ -1,0 +1,715 @@
+"""Benchmark suites (issue 3): ``apical bench SUITE [options]`` for digits, mnist1d, mnist5k, tox21.
+
+For every model of a suite, each mode (``none``, ``none-long``, ``gd``, ``pb``, optionally
+``perforatedai``) trains on ``--seeds`` seeds at the suite's default width. The report gives mean and
+std of the test score, parameters, epochs and seconds per mode, and a paired comparison (95% CI over
+seeds) of ``pb``, ``gd`` (and ``perforatedai``) against the better of the two plain baselines.
+A compression sweep (``--sweep``) trains ``none`` at every width of ``--widths`` and ``pb`` at the
+narrow ones, and says whether a narrow network with dendrites matches the full-width one with at most
+half its parameters.
+
+Every finished run is appended to ``SUITE.jsonl`` at once; ``--resume`` skips the runs already there.
+The end of a run writes ``SUITE.md``, ``SUITE.json``, ``SUITE.png`` and ``SUITE-compression.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apical import datasets, models
+from apical.bench.common import DEFAULT_OUT, header, markdown_table, mean_std, paired_ci, write_json
+from apical.dendrites import DendriteConfig
+from apical.training import fit
+
+BASELINES = ("none", "none-long")
+DEFAULT_MODES = ("none", "none-long", "gd", "pb")
+KNOWN_MODES = (*DEFAULT_MODES, "perforatedai")
+CHALLENGERS = ("pb", "gd", "perforatedai")
+DEFAULT_WIDTHS = (0.125, 0.25, 0.5, 1.0)
+QUICK_EPOCHS = 50
+QUICK_DENDRITE_EPOCHS = 6
+
+
+def mode_config(mode: str, patience: int, seed: int) -> DendriteConfig:
+    """The DendriteConfig of each benchmark mode; the one place to tune what the modes mean.
+
+    ``none``: plain early stopping with patience P. ``none-long``: the same with 4P (a baseline that
+    may train as long as it improves). ``gd`` / ``pb``: DendriteConfig defaults except patience P.
+    ``perforatedai`` (the reference package) mirrors the ``gd`` settings (see ``reference.py``).
+    """
+    if mode == "none":
+        return DendriteConfig(mode="none", patience=patience, seed=seed)
+    if mode == "none-long":
+        return DendriteConfig(mode="none", patience=4 * patience, seed=seed)
+    if mode in ("gd", "perforatedai"):
+        return DendriteConfig(mode="gd", patience=patience, seed=seed)
+    if mode == "pb":
+        return DendriteConfig(mode="pb", patience=patience, seed=seed)
+    raise ValueError(f"unknown benchmark mode {mode!r}; known: {', '.join(KNOWN_MODES)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# suite definitions
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a suite and how it is trained."""
+
+    name: str
+    """Label in the report ("mlp", "cnn")."""
+    kind: str
+    """Name for :func:`apical.models.build`."""
+    default_width: float
+    """Width multiplier of the mode comparison."""
+    lr: float
+    batch_size: int
+    patience: int
+    """P: neuron-phase patience of none/gd/pb (none-long uses 4P)."""
+    max_epochs: int
+    """Cap on epochs per run (every mode), to bound the cost."""
+    sweep: bool = False
+    """Part of the compression sweep."""
+    pb_widths: tuple[float, ...] = (0.125, 0.25, 0.5)
+    """Widths at which the sweep trains pb (``--pb-widths`` overrides)."""
+    quick_lr: float | None = None
+    """Learning rate of ``--quick`` runs (default 5 x ``lr``)."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A data set, its models and the suite's defaults."""
+
+    name: str
+    dataset: str
+    models: tuple[ModelSpec, ...]
+    load_kwargs: tuple[tuple[str, Any], ...] = ()
+    fixed_split: bool = False
+    """One split for every seed (seed 0); otherwise the split follows the seed."""
+    sweep_default: bool = False
+    estimate_minutes: float = 0.0
+    """Estimated cost of the default run on the reference machine, 1 thread (from timed short runs)."""
+    notes: str = ""
+    """What was reduced to fit the CPU budget."""
+
+
+SUITES: dict[str, Suite] = {
+    "digits": Suite(
+        name="digits",
+        dataset="digits",
+        models=(ModelSpec("mlp", "mlp", 0.25, 1e-3, 64, 10, 1000, sweep=True),),
+        estimate_minutes=2,
+        notes="MLP 64-32-10 at width 1; the modes are compared at width 1/4 (8 hidden units). "
+        "Sweep off by default (--sweep: about 2 more minutes).",
+    ),
+    "mnist1d": Suite(
+        name="mnist1d",
+        dataset="mnist1d",
+        models=(
+            ModelSpec("mlp", "mlp", 0.25, 1e-3, 64, 10, 1000, sweep=True, pb_widths=(0.125, 0.25)),
+            ModelSpec("cnn", "cnn1d", 0.25, 2e-3, 128, 10, 600),
+        ),
+        sweep_default=True,
+        estimate_minutes=30,
+        notes="MLP 40-64-64-10 and Conv1dNet (32, 32) at width 1; modes compared at width 1/4. "
+        "Reduced for CPU time: the sweep covers the MLP only, with pb at widths 1/8 and 1/4 (at 1/2 the "
+        "plain MLP has 36% of the width-1 parameters, so with one dendrite set it is over half: it cannot "
+        "meet the compression criterion; --pb-widths adds it); the CNN trains with batch 128, lr 2e-3, at "
+        "most 600 epochs.",
+    ),
+    "mnist5k": Suite(
+        name="mnist5k",
+        dataset="mnist5k",
+        load_kwargs=(("flat", False),),
+        models=(ModelSpec("cnn", "mnist_cnn", 0.125, 1e-3, 64, 5, 100, sweep=True, pb_widths=(0.125,),
+                          quick_lr=1e-3),),
+        sweep_default=True,
+        estimate_minutes=40,
+        notes="PyTorch-examples MNIST CNN (1.2M parameters at width 1) on 3,500 training images. Reduced "
+        "for CPU time: patience P = 5 (reference 10), at most 100 epochs per run, modes compared at width "
+        "1/8, and the sweep trains pb at width 1/8 only (pb at 1/8 costs ~4 min a seed on this machine; "
+        "--pb-widths 0.125,0.25 adds width 1/4, ~1.5x that, per seed).",
+    ),
+    "tox21": Suite(
+        name="tox21",
+        dataset="tox21",
+        fixed_split=True,
+        models=(ModelSpec("mlp", "mlp", 0.25, 1e-3, 128, 10, 300, sweep=True, pb_widths=(0.125, 0.25)),),
+        sweep_default=True,
+        estimate_minutes=25,
+        notes="Multi-task MLP 2048-[512, 128]-12 on ECFP4 bits at width 1, masked BCE, score = mean "
+        "ROC-AUC over the 12 assays; one fixed random 80/10/10 split (seed 0) for every seed. Reduced for "
+        "CPU time: modes compared at width 1/4 (2048-128-32-12); the sweep trains pb at widths 1/8 and "
+        "1/4 (at 1/2 the plain MLP already has 49% of the width-1 parameters; --pb-widths adds it).",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# runs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: model, mode, width, seed."""
+
+    model: str
+    mode: str
+    width: float
+    seed: int
+
+    def key(self) -> tuple[str, str, float, int]:
+        return (self.model, self.mode, self.width, self.seed)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run's result depends on besides the job itself."""
+
+    patience: int
+    max_epochs: int
+    lr: float
+    batch_size: int
+    quick: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_settings(spec: ModelSpec, quick: bool, max_epochs: int | None) -> Settings:
+    """The effective settings of ``spec``: ``--quick`` shrinks patience and epochs and raises the lr
+    (``quick_lr``, default 5x) so that a smoke run reaches its plateaus and dendrite phases in a few epochs."""
+    if not quick:
+        return Settings(spec.patience, max_epochs or spec.max_epochs, spec.lr, spec.batch_size, quick)
+    lr = spec.quick_lr if spec.quick_lr is not None else 5 * spec.lr
+    return Settings(min(spec.patience, 2), max_epochs or QUICK_EPOCHS, lr, spec.batch_size, quick)
+
+
+def plan(suite: Suite, modes: Sequence[str], seeds: Sequence[int], widths: Sequence[float], sweep: bool,
+         pb_widths: Sequence[float] | None = None) -> list[Job]:
+    """Every run of a suite invocation, seed by seed (so partial results stay balanced), no duplicates.
+
+    The sweep trains "none" at every width and "pb" at ``pb_widths`` (default: the model's
+    ``pb_widths`` that are in ``widths``); widths >= 1 never get a pb sweep run.
+    """
+    jobs: list[Job] = []
+    seen: set[tuple[str, str, float, int]] = set()
+    for seed in seeds:
+        wanted = []
+        for spec in suite.models:
+            wanted += [Job(spec.name, mode, spec.default_width, seed) for mode in modes]
+            if sweep and spec.sweep:
+                pbw = pb_widths if pb_widths is not None else [w for w in widths if w in spec.pb_widths]
+                wanted += [Job(spec.name, "none", float(w), seed) for w in widths]
+                wanted += [Job(spec.name, "pb", float(w), seed) for w in pbw if w < 1.0]
+        for job in wanted:
+            if job.key() not in seen:
+                seen.add(job.key())
+                jobs.append(job)
+    return jobs
+
+
+def load_split(suite: Suite, seed: int, quick: bool = False) -> datasets.Split:
+    """The split of ``suite`` for ``seed`` (seed 0 for a fixed split); ``quick`` keeps 1,000 random training
+    rows (the loaders' rows may be ordered by class)."""
+    split_seed = 0 if suite.fixed_split else seed
+    split = datasets.load(suite.dataset, seed=split_seed, **dict(suite.load_kwargs))
+    if quick and len(split.x_train) > 1000:
+        keep = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(split_seed))[:1000]
+        keep = keep.sort().values
+        split = dataclasses.replace(split, x_train=split.x_train[keep], y_train=split.y_train[keep])
+    return split
+
+
+def build_model(spec: ModelSpec, split: datasets.Split, width: float) -> nn.Module:
+    """A fresh model of ``spec`` at ``width`` for ``split``."""
+    return models.build(spec.kind, split, width)
+
+
+def describe(model: nn.Module) -> str:
+    """Short architecture description of a suite model."""
+    if isinstance(model, models.MLP):
+        return "MLP " + "-".join(str(n) for n in (model.in_features, *model.hidden, model.out_features))
+    if isinstance(model, models.Conv1dNet):
+        return f"Conv1dNet channels {list(model.channels)}"
+    if isinstance(model, models.MnistCNN):
+        return f"MnistCNN width {model.width:g} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+    return type(model).__name__
+
+
+def _record_base(suite: Suite, job: Job, settings: Settings, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "suite": suite.name,
+        "model": job.model,
+        "mode": job.mode,
+        "width": job.width,
+        "seed": job.seed,
+        "settings": settings.to_dict(),
+        "config": config,
+    }
+
+
+def run_job(suite: Suite, job: Job, settings: Settings, split: datasets.Split, timeout: float) -> dict[str, Any]:
+    """Train one job; returns a JSON-friendly record (``result`` holds RunResult.to_dict() + history)."""
+    spec = next(s for s in suite.models if s.name == job.model)
+    cfg = mode_config(job.mode, settings.patience, job.seed)
+    if job.mode == "perforatedai":
+        from apical.bench import reference
+
+        record = _record_base(suite, job, settings, {"reference": reference.describe_config(cfg)})
+        outcome = reference.run_reference(
+            suite.name, job.model, job.width, job.seed, lr=settings.lr, batch_size=settings.batch_size,
+            patience=settings.patience,
+            max_epochs=settings.max_epochs, quick=settings.quick, timeout=timeout,
+        )
+        record.update(outcome)
+        return record
+    if settings.quick:  # smoke run: short dendrite phases so that pb installs within the epoch cap
+        cfg = dataclasses.replace(cfg, max_dendrite_epochs=min(cfg.max_dendrite_epochs, QUICK_DENDRITE_EPOCHS))
+    record = _record_base(suite, job, settings, cfg.to_dict())
+    try:
+        result = fit(
+            lambda: build_model(spec, split, job.width), split, cfg, lr=settings.lr,
+            batch_size=settings.batch_size, max_epochs=settings.max_epochs, seed=job.seed,
+        )
+    except Exception as err:  # one broken run must not lose a long suite: record it, go on
+        record["failed"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+        return record
+    out = result.to_dict(with_history=True)
+    out["mode"] = job.mode  # "none-long" trains in DendriteConfig mode "none"
+    record["result"] = out
+    return record
+
+
+def _key_of(record: Mapping[str, Any]) -> tuple[str, str, float, int]:
+    return (record["model"], record["mode"], float(record["width"]), int(record["seed"]))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a results file; a torn last line (interrupted write) is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one record as a line and flush it to disk."""
+    with path.open("a") as fh:
+        fh.write(json.dumps(record, default=float) + "\n")
+        fh.flush()
+
+
+# ----------------------------------------------------------------------------------------------------
+# statistics
+
+
+def scores_by_seed(records: Sequence[Mapping[str, Any]], model: str, mode: str, width: float) -> dict[int, float]:
+    """Test score per seed of the successful runs of (model, mode, width)."""
+    return {
+        int(r["seed"]): float(r["result"]["test_score"])
+        for r in records
+        if r["model"] == model and r["mode"] == mode and float(r["width"]) == float(width) and "result" in r
+    }
+
+
+def summarise(records: Sequence[Mapping[str, Any]], model: str, mode: str, width: float) -> dict[str, Any] | None:
+    """Mean/std of test score, parameters, dendrites, epochs, seconds over seeds (None if no run)."""
+    runs = [r["result"] for r in records
+            if r["model"] == model and r["mode"] == mode and float(r["width"]) == float(width) and "result" in r]
+    if not runs:
+        return None
+    out: dict[str, Any] = {"n": len(runs)}
+    for name in ("test_score", "val_score", "parameters", "dendrites", "epochs", "seconds"):
+        out[name] = mean_std([float(r[name]) for r in runs])
+    out["seconds_per_epoch"] = mean_std([float(r["seconds"]) / max(int(r["epochs"]), 1) for r in runs])
+    out["loop_seconds_per_epoch"] = mean_std(
+        [float(r.get("loop_seconds", r["seconds"])) / max(int(r["epochs"]), 1) for r in runs])
+    return out
+
+
+def compare(records: Sequence[Mapping[str, Any]], model: str, width: float,
+            challengers: Sequence[str] = CHALLENGERS) -> list[dict[str, Any]]:
+    """Paired comparison of each challenger with the better baseline (by mean test score).
+
+    The baseline is whichever of none / none-long has the higher mean test score; pairs are the seeds
+    both modes have. Each entry: mode, baseline, n, diff, lo, hi (95% CI of the mean difference), wins.
+    """
+    base_scores = {m: scores_by_seed(records, model, m, width) for m in BASELINES}
+    present = {m: s for m, s in base_scores.items() if s}
+    if not present:
+        return []
+    baseline = max(present, key=lambda m: sum(present[m].values()) / len(present[m]))
+    base = present[baseline]
+    out = []
+    for mode in challengers:
+        mine = scores_by_seed(records, model, mode, width)
+        seeds = sorted(set(mine) & set(base))
+        if not seeds:
+            continue
+        a, b = [mine[s] for s in seeds], [base[s] for s in seeds]
+        diff, lo, hi = paired_ci(a, b)
+        wins = sum(x > y for x, y in zip(a, b, strict=True))
+        out.append({"mode": mode, "baseline": baseline, "n": len(seeds), "diff": diff, "lo": lo, "hi": hi,
+                    "wins": wins, "seeds": seeds})
+    return out
+
+
+def _signed(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.4f}"
+
+
+def comparison_verdict(c: Mapping[str, Any]) -> str:
+    """One line saying what a paired comparison shows."""
+    ci = f"{_signed(c['diff'])} (95% CI {_signed(c['lo'])} to {_signed(c['hi'])}, {c['wins']}/{c['n']} seeds better)"
+    if c["n"] < 2 or math.isnan(c["lo"]):
+        verdict = "too few seeds for a confidence interval"
+    elif c["lo"] > 0:
+        verdict = f"{c['mode']} is better"
+    elif c["hi"] < 0:
+        verdict = f"{c['mode']} is worse"
+    else:
+        verdict = "no significant difference"
+    return f"{c['mode']} vs {c['baseline']}: {ci}: {verdict}"
+
+
+def compression_verdict(points: Mapping[tuple[str, float], tuple[float, float]], reference_width: float = 1.0,
+                        mode: str = "pb") -> tuple[bool, str]:
+    """Does ``mode`` at a narrower width match or beat ``none`` at ``reference_width`` with <= half its parameters?
+
+    ``points`` maps (mode, width) to (mean test score, mean parameters). Returns (answer, one-line reason).
+    """
+    ref = points.get(("none", reference_width))
+    if ref is None:
+        return False, f"cannot tell: no 'none' run at width {reference_width:g}"
+    ref_score, ref_params = ref
+    narrow = sorted((w, s, p) for (m, w), (s, p) in points.items() if m == mode and w < reference_width)
+    if not narrow:
+        return False, f"cannot tell: no '{mode}' run narrower than width {reference_width:g}"
+    hits = [(w, s, p) for w, s, p in narrow if s >= ref_score and p <= ref_params / 2]
+    if hits:
+        w, s, p = min(hits, key=lambda t: t[2])
+        return True, (f"yes: {mode} at width {w:g} scores {s:.4f} >= {ref_score:.4f} (none at width "
+                      f"{reference_width:g}) with {p:,.0f} parameters ({p / ref_params:.0%} of {ref_params:,.0f})")
+    w, s, p = max(narrow, key=lambda t: t[1])
+    why = "scores lower" if s < ref_score else "has more than half the parameters"
+    return False, (f"no: the best narrow {mode} (width {w:g}: {s:.4f}, {p:,.0f} parameters) {why} than none at "
+                   f"width {reference_width:g} ({ref_score:.4f}, {ref_params:,.0f} parameters)")
+
+
+def compression_points(records: Sequence[Mapping[str, Any]],
+                       model: str) -> dict[tuple[str, float], tuple[float, float]]:
+    """(mode, width) -> (mean test score, mean parameters) for the sweep modes of ``model``."""
+    points = {}
+    widths = sorted({float(r["width"]) for r in records if r["model"] == model})
+    for mode in ("none", "pb"):
+        for w in widths:
+            s = summarise(records, model, mode, w)
+            if s is not None:
+                points[(mode, w)] = (s["test_score"][0], s["parameters"][0])
+    return points
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+
+
+def _pm(ms: tuple[float, float], digits: int = 4) -> str:
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def _int_pm(ms: tuple[float, float]) -> str:
+    return f"{ms[0]:,.0f} ± {ms[1]:,.0f}"
+
+
+def _score_name(suite: Suite) -> str:
+    return "mean ROC-AUC" if suite.dataset == "tox21" else "accuracy"
+
+
+def mode_table(records: Sequence[Mapping[str, Any]], model: str, width: float, modes: Sequence[str]) -> str:
+    """Markdown table: one row per mode at ``width`` (and a 'failed' row per failed run)."""
+    rows: list[list[str]] = []
+    for mode in modes:
+        s = summarise(records, model, mode, width)
+        if s is not None:
+            rows.append([mode, str(s["n"]), _pm(s["test_score"]), _pm(s["val_score"]), _int_pm(s["parameters"]),
+                         f"{s['dendrites'][0]:.1f}", _int_pm(s["epochs"]),
+                         f"{s['seconds'][0]:.1f} ± {s['seconds'][1]:.1f}",
+                         f"{s['seconds_per_epoch'][0]:.3f}", f"{s['loop_seconds_per_epoch'][0]:.3f}"])
+        for r in records:
+            if r["model"] == model and r["mode"] == mode and float(r["width"]) == float(width) and "failed" in r:
+                rows.append([f"{mode}: failed: {r['failed']} (seed {r['seed']})"] + [""] * 9)
+    head = ["mode", "runs", "test", "val", "parameters", "dendrites", "epochs", "seconds", "s/epoch",
+            "train+eval s/epoch"]
+    return markdown_table(head, rows)
+
+
+def comparison_table(comps: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of paired comparisons (4 decimals: the test recomputes them from the JSON)."""
+    rows = [[c["mode"], c["baseline"], str(c["n"]), _signed(c["diff"]), _signed(c["lo"]), _signed(c["hi"]),
+             f"{c['wins']}/{c['n']}"] for c in comps]
+    return markdown_table(["mode", "vs (better baseline)", "seeds", "mean diff", "95% CI low", "95% CI high",
+                           "seeds better"], rows)
+
+
+def sweep_table(records: Sequence[Mapping[str, Any]], model: str) -> str:
+    """Markdown table of the compression sweep: (mode, width) -> test score and parameters."""
+    rows = []
+    widths = sorted({float(r["width"]) for r in records if r["model"] == model})
+    for mode in ("none", "pb"):
+        for w in widths:
+            s = summarise(records, model, mode, w)
+            if s is not None:
+                rows.append([mode, f"{w:g}", str(s["n"]), _pm(s["test_score"]), _int_pm(s["parameters"]),
+                             f"{s['dendrites'][0]:.1f}", f"{s['epochs'][0]:.0f}", f"{s['seconds'][0]:.1f}"])
+    return markdown_table(["mode", "width", "runs", "test", "parameters", "dendrites", "epochs", "seconds"], rows)
+
+
+def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[str], modes: Sequence[str],
+           seeds: Sequence[int], sweep: bool, descriptions: Mapping[str, str], settings: Mapping[str, Settings],
+           elapsed: float, pngs: Mapping[str, str | None]) -> tuple[str, dict[str, Any]]:
+    """The Markdown report and the computed summary (comparisons, sweep verdicts) for the JSON."""
+    lines = [header(f"apical bench {suite.name}", ["bench", suite.name, *argv])]
+    lines.append(f"- threads: {torch.get_num_threads()}; seeds: {list(seeds)}; modes: {', '.join(modes)}; "
+                 f"score: test {_score_name(suite)} of the best validation network")
+    lines.append(f"- split: {'one fixed split (seed 0)' if suite.fixed_split else 'split by seed'}; "
+                 f"wall time of this invocation: {elapsed / 60:.1f} min (runs resumed from the JSONL not included)")
+    lines.append(f"- estimated cost of the default run (5 seeds, 1 thread, 2-core shared CPU): "
+                 f"~{suite.estimate_minutes:g} min")
+    lines.append(f"- suite notes: {suite.notes}")
+    lines.append("")
+    summary: dict[str, Any] = {"comparisons": {}, "compression": {}}
+    for spec in suite.models:
+        st = settings[spec.name]
+        lines.append(f"## {spec.name}: {descriptions.get(spec.name, spec.kind)} (width {spec.default_width:g})\n")
+        lines.append(f"Adam lr {st.lr:g}, batch {st.batch_size}, patience P = {st.patience} (none-long: "
+                     f"{4 * st.patience}), at most {st.max_epochs} epochs per run"
+                     f"{' (--quick: 1,000 training rows)' if st.quick else ''}.\n")
+        lines.append(mode_table(records, spec.name, spec.default_width, modes))
+        comps = compare(records, spec.name, spec.default_width)
+        summary["comparisons"][spec.name] = comps
+        if comps:
+            lines.append("Paired over seeds, test score difference against the better baseline:\n")
+            lines.append(comparison_table(comps))
+            lines += [f"- {comparison_verdict(c)}" for c in comps]
+            lines.append("")
+        if sweep and spec.sweep:
+            points = compression_points(records, spec.name)
+            ok, why = compression_verdict(points)
+            summary["compression"][spec.name] = {
+                "answer": ok, "verdict": why,
+                "points": [{"mode": m, "width": w, "test_score": s, "parameters": p}
+                           for (m, w), (s, p) in points.items()],
+            }
+            lines.append(f"### Compression sweep ({spec.name})\n")
+            lines.append(sweep_table(records, spec.name))
+            lines.append(f"Does a narrow width + pb match or beat the width-1 'none' mean score with at most half its "
+                         f"parameters? {why}\n")
+    if pngs.get("curves"):
+        lines.append(f"![validation score per epoch]({pngs['curves']})\n")
+    if pngs.get("compression"):
+        lines.append(f"![compression]({pngs['compression']})\n")
+    for w in pngs.get("warnings", ()) or ():
+        lines.append(f"- note: {w}")
+    return "\n".join(lines).rstrip() + "\n", summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# "none" is drawn wide and pale: every mode shares its curve up to its first plateau
+_LINE_STYLES: dict[str, dict[str, Any]] = {"none": {"lw": 4.0, "alpha": 0.35}, "none-long": {"lw": 1.0, "ls": "--"}}
+
+
+def plot_curves(suite: Suite, records: Sequence[Mapping[str, Any]], modes: Sequence[str], path: Path) -> None:
+    """Validation score per epoch of the first seed, one line per mode, insertions marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(suite.models), figsize=(6.5 * len(suite.models), 4.2), squeeze=False)
+    for ax, spec in zip(axes[0], suite.models, strict=True):
+        for mode in modes:
+            runs = sorted((r for r in records if r["model"] == spec.name and r["mode"] == mode
+                           and float(r["width"]) == spec.default_width and "result" in r), key=lambda r: r["seed"])
+            if not runs or not runs[0]["result"].get("history"):
+                continue
+            hist = runs[0]["result"]["history"]
+            x = [h["epoch"] for h in hist]
+            style = _LINE_STYLES.get(mode, {"lw": 1.0})
+            (line,) = ax.plot(x, [h["score"] for h in hist], label=f"{mode} (seed {runs[0]['seed']})", **style)
+            ins = [h for h in hist if any(e in str(h.get("event", "")) for e in ("installed", "added"))]
+            if ins:
+                ax.plot([h["epoch"] for h in ins], [h["score"] for h in ins], "v", color=line.get_color(), ms=7)
+        ax.set_title(f"{suite.name} {spec.name} (width {spec.default_width:g}); v = dendrites inserted")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation {_score_name(suite)}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_compression(suite: Suite, records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Mean test score against mean parameter count (log x), one curve per mode."""
+    plt = _pyplot()
+    specs = [s for s in suite.models if s.sweep]
+    fig, axes = plt.subplots(1, len(specs), figsize=(6.5 * len(specs), 4.2), squeeze=False)
+    for ax, spec in zip(axes[0], specs, strict=True):
+        widths = sorted({float(r["width"]) for r in records if r["model"] == spec.name})
+        for mode in ("none", "pb"):
+            pts = [(w, summarise(records, spec.name, mode, w)) for w in widths]
+            pts = [(w, s) for w, s in pts if s is not None]
+            if not pts:
+                continue
+            ax.errorbar([s["parameters"][0] for _, s in pts], [s["test_score"][0] for _, s in pts],
+                        yerr=[s["test_score"][1] for _, s in pts], marker="o", capsize=3, label=mode)
+            for w, s in pts:
+                ax.annotate(f"x{w:g}", (s["parameters"][0], s["test_score"][0]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(f"test {_score_name(suite)} (mean ± std over seeds)")
+        ax.set_title(f"{suite.name} {spec.name}: compression sweep")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def build_parser(suite_name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"apical bench {suite_name}", description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1), default 5")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"comma-separated modes from {', '.join(KNOWN_MODES)} (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--widths", type=_floats, default=list(DEFAULT_WIDTHS),
+                   help="sweep widths (default 0.125,0.25,0.5,1)")
+    p.add_argument("--pb-widths", type=_floats, default=None,
+                   help="widths at which the sweep trains pb (default: the suite's, listed in the report)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: patience 2, 50 epochs, higher lr, dendrite phases <= 6 epochs, 1,000 training rows")
+    p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs per run (overrides the suite's)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help="compression sweep (default: on for mnist1d, mnist5k, tox21)")
+    p.add_argument("--resume", action="store_true", help="keep SUITE.jsonl and skip the runs already in it")
+    p.add_argument("--reference-timeout", type=float, default=3600.0,
+                   help="seconds allowed to one perforatedai run (default 3600)")
+    return p
+
+
+def main(argv: Sequence[str]) -> None:
+    """``apical bench SUITE [options]``: ``argv[0]`` is the suite name."""
+    if not argv or argv[0] not in SUITES:
+        raise ValueError(f"unknown suite {argv[0] if argv else ''!r}; known: {', '.join(SUITES)}")
+    suite = SUITES[argv[0]]
+    args = build_parser(suite.name).parse_args(list(argv[1:]))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in KNOWN_MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(KNOWN_MODES)}")
+    if args.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    sweep = suite.sweep_default if args.sweep is None else args.sweep
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    settings = {s.name: run_settings(s, args.quick, args.max_epochs) for s in suite.models}
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / f"{suite.name}.jsonl"
+    if not args.resume and jsonl.exists():
+        jsonl.unlink()
+    jobs = plan(suite, modes, seeds, args.widths, sweep, args.pb_widths)
+    done = {}
+    for r in read_jsonl(jsonl):  # a record counts only if it was made with the same settings
+        if r.get("suite") == suite.name and r.get("settings") == settings[r["model"]].to_dict():
+            done[_key_of(r)] = r
+    records = [done[j.key()] for j in jobs if j.key() in done]
+    splits: dict[int, datasets.Split] = {}
+    start = time.perf_counter()
+    todo = [j for j in jobs if j.key() not in done]
+    print(f"apical bench {suite.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, "
+          f"{torch.get_num_threads()} thread(s), results in {out}", flush=True)
+    for i, job in enumerate(todo, 1):
+        spec_settings = settings[job.model]
+        split_seed = 0 if suite.fixed_split else job.seed
+        if split_seed not in splits:
+            splits[split_seed] = load_split(suite, job.seed, args.quick)
+        record = run_job(suite, job, spec_settings, splits[split_seed], args.reference_timeout)
+        append_jsonl(jsonl, record)
+        records.append(record)
+        if "result" in record:
+            r = record["result"]
+            what = (f"test {r['test_score']:.4f}, {r['parameters']:,} params, {r['dendrites']} dendrites, "
+                    f"{r['epochs']} epochs, {r['seconds']:.1f} s")
+        else:
+            what = f"failed: {record.get('failed')}"
+        print(f"[{i}/{len(todo)}] {job.model} {job.mode} width {job.width:g} seed {job.seed}: {what}", flush=True)
+    elapsed = time.perf_counter() - start
+    descriptions = {s.name: describe(build_model(s, splits.get(0) or load_split(suite, 0, args.quick), s.default_width))
+                    for s in suite.models}
+    pngs: dict[str, Any] = {"warnings": []}
+    try:
+        plot_curves(suite, records, modes, out / f"{suite.name}.png")
+        pngs["curves"] = f"{suite.name}.png"
+        if sweep and any(s.sweep for s in suite.models):
+            plot_compression(suite, records, out / f"{suite.name}-compression.png")
+            pngs["compression"] = f"{suite.name}-compression.png"
+    except ImportError as err:
+        msg = f"PNG plots skipped: matplotlib is not available ({err})"
+        warnings.warn(msg, stacklevel=1)
+        pngs["warnings"].append(msg)
+    md, summary = render(suite, records, argv[1:], modes, seeds, sweep, descriptions, settings, elapsed, pngs)
+    (out / f"{suite.name}.md").write_text(md)
+    write_json(out / f"{suite.name}.json", {
+        "suite": suite.name,
+        "command": ["apical", "bench", *argv],
+        "machine_threads": torch.get_num_threads(),
+        "suite_definition": dataclasses.asdict(suite),
+        "settings": {k: v.to_dict() for k, v in settings.items()},
+        "modes": modes,
+        "seeds": seeds,
+        "sweep": sweep,
+        "widths": list(args.widths) if sweep else [],
+        "summary": summary,
+        "runs": records,
+    })
+    print(f"wrote {out / (suite.name + '.md')}", flush=True)

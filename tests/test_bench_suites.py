@@ -1,0 +1,97 @@
+"""Smoke test of ``apical bench SUITE`` (issue 3's runner) and unit tests of its verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+from apical.bench.common import paired_ci
+from apical.bench.suites import BASELINES, compression_verdict, main, mode_config
+
+pytest.importorskip("sklearn")
+
+
+def _comparison_rows(md: str) -> dict[str, tuple[str, int, float, float, float]]:
+    """Paired-comparison rows of the report: mode -> (baseline, n, diff, lo, hi)."""
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1] in BASELINES:
+            rows[cells[0]] = (cells[1], int(cells[2]), float(cells[3]), float(cells[4]), float(cells[5]))
+    return rows
+
+
+def test_digits_quick_smoke(tmp_path, capsys):
+    main(["digits", "--quick", "--seeds", "2", "--out", str(tmp_path)])
+    md = (tmp_path / "digits.md").read_text()
+    data = json.loads((tmp_path / "digits.json").read_text())
+    assert (tmp_path / "digits.jsonl").is_file()
+    modes = ("none", "none-long", "gd", "pb")
+    runs = {(r["mode"], r["seed"]): r for r in data["runs"]}
+    for mode in modes:
+        for seed in (0, 1):
+            assert "result" in runs[(mode, seed)], runs.get((mode, seed))
+            assert runs[(mode, seed)]["result"]["epochs"] >= 1
+    assert "apical bench digits --quick" in md
+
+    # paired CIs in the report agree with a recomputation from the JSON
+    def scores(mode: str) -> list[float]:
+        return [runs[(mode, s)]["result"]["test_score"] for s in (0, 1)]
+
+    means = {m: sum(scores(m)) / 2 for m in BASELINES}
+    baseline = max(BASELINES, key=lambda m: means[m])
+    rows = _comparison_rows(md)
+    assert set(rows) == {"pb", "gd"}
+    for mode in ("pb", "gd"):
+        diff, lo, hi = paired_ci(scores(mode), scores(baseline))
+        got_base, n, got_diff, got_lo, got_hi = rows[mode]
+        assert got_base == baseline and n == 2
+        assert got_diff == pytest.approx(diff, abs=6e-5)
+        assert got_lo == pytest.approx(lo, abs=6e-5)
+        assert got_hi == pytest.approx(hi, abs=6e-5)
+    assert re.search(r"- pb vs none(-long)?: [+-]\d", md)
+
+    # --resume finds every run done and trains nothing
+    capsys.readouterr()
+    main(["digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--resume"])
+    assert "8 runs, 8 already done" in capsys.readouterr().out
+
+
+def test_compression_verdict_synthetic():
+    ref = {("none", 1.0): (0.90, 1000.0)}
+    # a narrow pb run beats the full width with 40% of its parameters
+    ok, why = compression_verdict({**ref, ("pb", 0.25): (0.91, 400.0), ("pb", 0.5): (0.92, 700.0)})
+    assert ok and "width 0.25" in why
+    # equal score counts as a match; exactly half the parameters is allowed
+    assert compression_verdict({**ref, ("pb", 0.5): (0.90, 500.0)})[0]
+    # better score but too many parameters
+    ok, why = compression_verdict({**ref, ("pb", 0.5): (0.95, 501.0)})
+    assert not ok and "more than half" in why
+    # small enough but worse
+    ok, why = compression_verdict({**ref, ("pb", 0.125): (0.89, 100.0), ("none", 0.125): (0.95, 50.0)})
+    assert not ok and "scores lower" in why
+    # missing reference or missing narrow pb
+    assert not compression_verdict({("pb", 0.5): (0.99, 1.0)})[0]
+    assert not compression_verdict(ref)[0]
+
+
+def test_mode_config():
+    assert mode_config("none-long", 7, 0).patience == 28
+    assert mode_config("none", 7, 0).mode == "none"
+    assert mode_config("pb", 7, 3).seed == 3
+    with pytest.raises(ValueError):
+        mode_config("wide", 7, 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("perforatedai") is None or not os.environ.get("APICAL_TEST_REFERENCE"),
+                    reason="needs perforatedai installed and APICAL_TEST_REFERENCE=1 (about a minute)")
+def test_perforatedai_reference(tmp_path):
+    main(["digits", "--quick", "--seeds", "1", "--modes", "none,perforatedai", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "digits.json").read_text())
+    ref = next(r for r in data["runs"] if r["mode"] == "perforatedai")
+    assert "result" in ref, ref.get("failed")
+    assert 0.0 <= ref["result"]["test_score"] <= 1.0

@@ -1,0 +1,177 @@
+"""PB under torch.distributed: two gloo ranks on the CPU install exactly the dendrites of one process."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import apical
+import apical.distributed
+from apical.dendrites import _dist
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_cycle.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("ddp_cycle", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Rank 0 and rank 1 of a 2-process DDP run (subprocesses), and the single-process run."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    store = tmp / "store"
+    procs = [
+        subprocess.Popen([sys.executable, str(SCRIPT), str(tmp / f"rank{r}.pt"), "--rank", str(r), "--world", "2",
+                          "--init", f"file://{store}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for r in range(2)
+    ]
+    start = time.perf_counter()
+    single = _script().run()  # meanwhile, the reference over the same global batches
+    outputs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outputs.append(out.decode())
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    print(f"2-rank DDP cycle and single-process reference: {time.perf_counter() - start:.1f} s wall")
+    return ranks, single
+
+
+def test_ranks_stay_bitwise_identical(runs):
+    (r0, r1), _ = runs
+    assert r0["params"].keys() == r1["params"].keys()
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    assert r0["history"] == r1["history"]
+    assert r0["installed"] and all(torch.equal(r0["installed"][0][k], r1["installed"][0][k])
+                                   for k in r0["installed"][0])
+
+
+def test_ddp_installs_the_single_process_dendrites(runs):
+    (r0, _), single = runs
+    assert len(r0["installed"]) == len(single["installed"]) >= 1
+    for got, want in zip(r0["installed"], single["installed"], strict=True):
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=k)
+    # the same decisions at the same epochs (scores are exact: 64 and 128 validation rows)
+    strip = [{k: h[k] for k in ("epoch", "phase", "score", "event", "dendrites")} for h in r0["history"]]
+    assert strip == [{k: h[k] for k in ("epoch", "phase", "score", "event", "dendrites")} for h in single["history"]]
+    for a, b in zip(r0["history"], single["history"], strict=True):
+        assert (a["correlation"] is None) == (b["correlation"] is None)
+        if a["correlation"] is not None:
+            assert a["correlation"] == pytest.approx(b["correlation"], rel=1e-5)
+    assert r0["dendrites"] == single["dendrites"]
+
+
+def test_conv_statistics_and_gradients_match_one_process(runs):
+    """Global statistics (pearson normaliser, epoch centring) and candidate gradients of a Conv2d.
+
+    Each rank's loss is a mean over its half batch, so its error is W times the single process's:
+    the scores and gradients do not depend on that scale, the error's moments scale with it."""
+    (r0, r1), single = runs
+    got, want = r0["conv"], single["conv"]
+    assert got["n"] == want["n"] == 3 * 8 * 25
+    w = 2.0
+    m, ref = got["moments"], want["moments"]
+    torch.testing.assert_close(m["mean_a"], ref["mean_a"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(m["var_a"], ref["var_a"], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(m["mean_d"], w * ref["mean_d"], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(m["var_d"], w * w * ref["var_d"], rtol=1e-5, atol=1e-14)
+    torch.testing.assert_close(m["cov"], w * ref["cov"], rtol=1e-5, atol=1e-12)
+    for g, g_ref in zip(got["grads"], want["grads"], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+    for k in m:
+        assert torch.equal(m[k], r1["conv"]["moments"][k]), k
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rewrap_rebuilds_ddp_after_a_restructure(one_rank_group):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    cfg = apical.DendriteConfig(patience=1, candidates=2, max_dendrite_epochs=1, min_dendrite_epochs=1, seed=0)
+    apical.perforate(model, cfg)
+    ctl = apical.Controller(model, cfg)
+    ddp = apical.distributed.wrap(model)
+    # the empty dendrite tensors (no set installed yet) are left out of DDP's reduction
+    assert {"0.dendrite_out", "2.dendrite_out"} <= set(model._ddp_params_and_buffers_to_ignore)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def epoch(module, opt):
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.mse_loss(module(x), y).backward()
+            opt.step()
+
+    opt = torch.optim.SGD(ctl.parameters(), lr=0.1)
+    phases = []
+    for score in (1.0, 0.5, 0.5, 1.5):
+        epoch(ddp, opt)
+        step = ctl.step(score)
+        phases.append(step.phase)
+        if step.done:
+            break
+        if step.restructured:
+            old = ddp
+            ddp = apical.distributed.rewrap(ddp)
+            assert isinstance(ddp, nn.parallel.DistributedDataParallel) and ddp is not old
+            assert ddp.module is model and ctl.model is model
+            opt = torch.optim.SGD(ctl.parameters(), lr=0.1)
+    assert "dendrite" in phases and apical.dendrite_count(model) == 1
+    assert phases == ["neuron", "dendrite", "neuron", "neuron"]
+    reduced = {id(p) for p in ddp._module_parameters if p.requires_grad}  # what the new reducer syncs
+    assert reduced == {id(p) for p in ctl.parameters() if p.numel()}
+    assert "0.dendrite_out" not in model._ddp_params_and_buffers_to_ignore  # it holds a set now
+    with pytest.raises(TypeError, match="rewrap"):
+        apical.distributed.wrap(ddp)
+
+
+def test_helpers_without_a_process_group(tmp_path):
+    assert not dist.is_initialized()
+    assert apical.distributed.world_size() == 1 and apical.distributed.rank() == 0
+    assert apical.distributed.is_main_process() and not apical.distributed.is_distributed()
+    assert _dist.world_size() == 1
+    apical.distributed.barrier()  # no-op
+    model = apical.perforate(nn.Sequential(nn.Linear(3, 2)))
+    ctl = apical.Controller(model)
+    apical.distributed.save_on_main(tmp_path / "m.safetensors", model, ctl)
+    assert (tmp_path / "m.safetensors").exists()
+
+
+def test_synchronisation_can_be_turned_off(one_rank_group, monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    assert _dist.world_size() == 2 and apical.distributed.is_distributed()
+    apical.distributed.set_synchronised(False)
+    try:
+        assert _dist.world_size() == 1
+    finally:
+        apical.distributed.set_synchronised(True)

@@ -1,0 +1,248 @@
+import importlib.util
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import apical
+from apical.dendrites.layer import DendriticLayer
+from apical.export import FusedDendriticConv, FusedDendriticLinear, export
+
+CASES = {
+    "linear": (lambda: nn.Linear(5, 4), (7, 5)),
+    "linear-3d": (lambda: nn.Linear(5, 4), (3, 6, 5)),  # (batch, time, features)
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, bias=False), (2, 4, 9, 9)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, dilation=(1, 2, 1)), (2, 2, 4, 5, 4)),
+    "grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (2, 4, 7, 7)),
+    "depthwise": (lambda: nn.Conv2d(4, 8, 3, groups=4, padding=1, padding_mode="reflect"), (2, 4, 6, 6)),
+}
+
+
+def _grow(model: nn.Module, dendrites: int, activation: str = "sigmoid", mode: str = "pb") -> nn.Module:
+    """Perforate ``model`` and install ``dendrites`` random sets with random non-zero v and cascade."""
+    apical.perforate(model, apical.DendriteConfig(mode=mode, activation=activation))
+    for _, layer in apical.dendritic_layers(model):
+        for _ in range(dendrites):
+            layer.install_random(1.0)
+        with torch.no_grad():
+            layer.dendrite_out.normal_()
+            layer.dendrite_cascade.normal_()
+    return model
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
+        nn.Linear(16, 12), nn.Tanh(), nn.Dropout(0.2), nn.Linear(12, 3),
+    )
+
+
+def _cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+    )
+
+
+def _trained_bn(model: nn.Module, x: torch.Tensor) -> None:
+    """A few training-mode forwards so BatchNorm's running statistics are not the defaults."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x + torch.randn_like(x))
+    model.eval()
+
+
+def _assert_plain(exported: nn.Module) -> None:
+    for name, module in exported.named_modules():
+        assert not isinstance(module, DendriticLayer), name
+        assert not module.training, name
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            assert len(getattr(module, attr)) == 0, (name, attr)
+
+
+class _CountOps(TorchFunctionMode):
+    OPS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("dendrites", [0, 1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_matches_the_dendritic_layer(case, dendrites, activation):
+    make, shape = CASES[case]
+    model = _grow(nn.Sequential(make()), dendrites, activation)
+    model.eval()
+    x = torch.randn(*shape)
+    expected = model(x)
+    exported = export(model)
+    _assert_plain(exported)
+    if dendrites == 0:
+        assert type(exported[0]) is type(model[0].base)
+    else:
+        fused = (FusedDendriticLinear, FusedDendriticConv)["conv" in type(model[0]).__name__.lower()]
+        assert isinstance(exported[0], fused)
+        assert exported[0].cascaded == (dendrites > 1)
+    with torch.no_grad(), _CountOps() as ops:
+        got = exported(x)  # eager inference: the in-place path
+    assert ops.calls == 1  # the wrapped layer and all dendrites in one matmul / convolution
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    got = exported(x)  # with autograd: the functional path, which can be backpropagated
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    got.sum().backward()
+    if dendrites:
+        op = getattr(exported[0], "linear", None) or exported[0].conv
+        assert op.weight.grad is not None and exported[0].dendrite_out.grad is not None
+
+
+def test_unbatched_conv_input():
+    make, shape = CASES["grouped"]
+    model = _grow(nn.Sequential(make()), 2).eval()
+    x = torch.randn(*shape[1:])
+    assert torch.allclose(export(model)(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_float64_is_kept():
+    model = _grow(nn.Sequential(nn.Linear(4, 3).double()), 2).eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    exported = export(model)
+    assert exported[0].linear.weight.dtype == torch.float64
+    assert torch.allclose(exported(x), model(x), atol=1e-12, rtol=0)
+
+
+def test_mlp_with_batchnorm_dropout_controller_and_candidates():
+    torch.manual_seed(3)
+    model = _mlp()
+    cfg = apical.DendriteConfig(mode="pb")
+    apical.perforate(model, cfg)
+    ctl = apical.Controller(model, cfg)  # registers a forward pre-hook on the model
+    layers = [layer for _, layer in apical.dendritic_layers(model)]
+    for i, layer in enumerate(layers):  # 2, 1, 0 installed sets
+        for _ in range(2 - i):
+            layer.install_random(1.0)
+        with torch.no_grad():
+            layer.dendrite_out.normal_()
+            layer.dendrite_cascade.normal_()
+    layers[0].add_candidates(4, 1.0)  # a dendrite phase in progress: candidates are not exported
+    x = torch.randn(32, 6)
+    _trained_bn(model, x)
+    expected = model(x)
+    model.register_forward_hook(lambda m, i, o: o * 100)  # a user hook is dropped too
+    model[1].register_forward_pre_hook(lambda m, i: None)
+    model.train()  # the export is in eval mode whatever the model's mode
+
+    exported = export(model)
+
+    _assert_plain(exported)
+    assert [type(m).__name__ for m in exported] == [
+        "FusedDendriticLinear", "BatchNorm1d", "ReLU", "Dropout",
+        "FusedDendriticLinear", "Tanh", "Dropout", "Linear",
+    ]
+    assert torch.allclose(exported(x), expected, atol=1e-5, rtol=0)
+    # the original is untouched and shares no tensor with the export
+    assert model.training and layers[0].num_candidates == 4 and len(model._forward_pre_hooks) == 1
+    assert len(model._forward_hooks) == 1
+    assert isinstance(model[0], DendriticLayer)
+    own = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    theirs = {p.data_ptr() for p in exported.parameters()} | {b.data_ptr() for b in exported.buffers()}
+    assert not own & theirs
+    # the same parameters as the model computes with (every Linear has a bias here)
+    assert sum(p.numel() for p in exported.parameters()) == apical.parameter_count(model)
+    ctl.close()
+
+
+def test_weight_norm_hook_is_kept():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.utils.weight_norm(model[2])
+    apical.perforate(model, apical.DendriteConfig(include=["0"]))
+    model[0].install_random(1.0)
+    with torch.no_grad():
+        model[0].dendrite_out.normal_()
+        model[2].weight_g.mul_(3.0)  # only the hook turns this into the weight used
+    model.eval()
+    x = torch.randn(5, 4)
+    expected = model(x)
+    exported = export(model)
+    assert len(exported[2]._forward_pre_hooks) == 1
+    assert torch.allclose(exported(x), expected, atol=1e-5, rtol=0)
+
+
+def test_export_of_a_single_layer_and_bad_input():
+    model = _grow(nn.Sequential(nn.Conv1d(2, 4, 3)), 1)
+    assert isinstance(export(model[0]), FusedDendriticConv)
+    with pytest.raises(TypeError):
+        export("model")
+
+
+def _graph_models():
+    torch.manual_seed(5)
+    mlp = _grow(_mlp(), 2)
+    _trained_bn(mlp, torch.randn(16, 6))
+    cnn = _grow(_cnn(), 3, activation="tanh")
+    _trained_bn(cnn, torch.randn(4, 3, 8, 8))
+    return [(export(mlp), torch.randn(16, 6)), (export(cnn), torch.randn(4, 3, 8, 8))]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    for exported, x in _graph_models():
+        expected = exported(x)
+        compiled = torch.compile(exported, fullgraph=True, backend=backend)
+        assert torch.allclose(compiled(x), expected, atol=1e-5, rtol=0)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_jit_trace(grad):
+    for exported, x in _graph_models():
+        expected = exported(x)
+        with torch.set_grad_enabled(grad), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in recent torch
+            traced = torch.jit.trace(exported, x)
+            assert torch.allclose(traced(x), expected, atol=1e-5, rtol=0)
+            assert torch.allclose(traced(2 * x), exported(2 * x), atol=1e-5, rtol=0)
+
+
+_HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+_HAVE_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
+
+
+@pytest.mark.skipif(not _HAVE_ORT, reason="onnx / onnxruntime are not installed")
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_onnx_export_runs_in_onnxruntime(dynamo, tmp_path):
+    if dynamo and not _HAVE_ONNXSCRIPT:
+        pytest.skip("the dynamo ONNX exporter needs onnxscript")
+    import onnxruntime as ort
+
+    for i, (exported, x) in enumerate(_graph_models()):
+        expected = exported(x).detach().numpy()
+        path = tmp_path / f"model{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(exported, (x,), str(path), dynamo=dynamo, verbose=False)
+            except TypeError:  # an older torch without the dynamo switch
+                if dynamo:
+                    pytest.skip("this torch has no dynamo ONNX exporter")
+                torch.onnx.export(exported, (x,), str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert abs(got - expected).max() < 1e-5
