@@ -231,3 +231,13 @@ def test_finish_keeps_an_improving_trial_set():
     step = ctl.finish()
     assert step.event == "finish,kept,done" and ctl.dendrites == 1
     assert all(torch.equal(states[6][k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("mode, scores", [("pb", [1, 2, 2, 2, 0, 0]), ("gd", [1, 2, 2, 2])])
+def test_finish_right_after_a_restructure_reverts_to_the_kept_network(mode, scores):
+    model, ctl = _setup(mode)
+    _, states = _run(model, ctl, scores)
+    assert ctl.dendrites == 1 and ctl.phase == "neuron"  # the set is in, not a single epoch trained yet
+    step = ctl.finish()
+    assert step.done and step.restructured and ctl.dendrites == 0
+    assert all(torch.equal(states[1][k], v) for k, v in model.state_dict().items())

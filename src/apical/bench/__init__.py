@@ -12,6 +12,7 @@ SUITES = {
     "tox21": "apical.bench.suites",
     "grapes": "apical.bench.grapes",
     "speed": "apical.bench.speed",
+    "ablate": "apical.bench.ablate",
 }
 
 

@@ -38,7 +38,7 @@ DEFAULT_MODES = ("none", "none-long", "gd", "pb")
 KNOWN_MODES = (*DEFAULT_MODES, "perforatedai")
 CHALLENGERS = ("pb", "gd", "perforatedai")
 DEFAULT_WIDTHS = (0.125, 0.25, 0.5, 1.0)
-QUICK_EPOCHS = 50
+QUICK_EPOCHS = 60
 QUICK_DENDRITE_EPOCHS = 6
 
 
@@ -122,7 +122,7 @@ SUITES: dict[str, Suite] = {
             ModelSpec("cnn", "cnn1d", 0.25, 2e-3, 128, 10, 600),
         ),
         sweep_default=True,
-        estimate_minutes=30,
+        estimate_minutes=26,
         notes="MLP 40-64-64-10 and Conv1dNet (32, 32) at width 1; modes compared at width 1/4. "
         "Reduced for CPU time: the sweep covers the MLP only, with pb at widths 1/8 and 1/4 (at 1/2 the "
         "plain MLP has 36% of the width-1 parameters, so with one dendrite set it is over half: it cannot "
@@ -136,11 +136,12 @@ SUITES: dict[str, Suite] = {
         models=(ModelSpec("cnn", "mnist_cnn", 0.125, 1e-3, 64, 5, 100, sweep=True, pb_widths=(0.125,),
                           quick_lr=1e-3),),
         sweep_default=True,
-        estimate_minutes=40,
+        estimate_minutes=45,
         notes="PyTorch-examples MNIST CNN (1.2M parameters at width 1) on 3,500 training images. Reduced "
         "for CPU time: patience P = 5 (reference 10), at most 100 epochs per run, modes compared at width "
         "1/8, and the sweep trains pb at width 1/8 only (pb at 1/8 costs ~4 min a seed on this machine; "
-        "--pb-widths 0.125,0.25 adds width 1/4, ~1.5x that, per seed).",
+        "--pb-widths 0.125,0.25 adds width 1/4, ~1.5x that, per seed). Over the 30-minute budget when the "
+        "machine is busy (about 25 min on a free core): --seeds 3 or --max-epochs 60 (which cuts pb) if needed.",
     ),
     "tox21": Suite(
         name="tox21",
@@ -360,23 +361,24 @@ def compare(records: Sequence[Mapping[str, Any]], model: str, width: float,
     if not present:
         return []
     baseline = max(present, key=lambda m: sum(present[m].values()) / len(present[m]))
-    base = present[baseline]
-    out = []
-    for mode in challengers:
-        mine = scores_by_seed(records, model, mode, width)
-        seeds = sorted(set(mine) & set(base))
-        if not seeds:
-            continue
-        a, b = [mine[s] for s in seeds], [base[s] for s in seeds]
-        diff, lo, hi = paired_ci(a, b)
-        wins = sum(x > y for x, y in zip(a, b, strict=True))
-        out.append({"mode": mode, "baseline": baseline, "n": len(seeds), "diff": diff, "lo": lo, "hi": hi,
-                    "wins": wins, "seeds": seeds})
-    return out
+    return [c for c in (compare_pair(records, model, width, mode, baseline) for mode in challengers) if c]
 
 
 def _signed(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:+.4f}"
+
+
+def compare_pair(records: Sequence[Mapping[str, Any]], model: str, width: float, mode: str,
+                 baseline: str) -> dict[str, Any] | None:
+    """Paired comparison of ``mode`` with an explicit ``baseline`` mode (None without common seeds)."""
+    mine, base = scores_by_seed(records, model, mode, width), scores_by_seed(records, model, baseline, width)
+    seeds = sorted(set(mine) & set(base))
+    if not seeds:
+        return None
+    a, b = [mine[s] for s in seeds], [base[s] for s in seeds]
+    diff, lo, hi = paired_ci(a, b)
+    return {"mode": mode, "baseline": baseline, "n": len(seeds), "diff": diff, "lo": lo, "hi": hi,
+            "wins": sum(x > y for x, y in zip(a, b, strict=True)), "seeds": seeds}
 
 
 def comparison_verdict(c: Mapping[str, Any]) -> str:
@@ -468,7 +470,7 @@ def comparison_table(comps: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table of paired comparisons (4 decimals: the test recomputes them from the JSON)."""
     rows = [[c["mode"], c["baseline"], str(c["n"]), _signed(c["diff"]), _signed(c["lo"]), _signed(c["hi"]),
              f"{c['wins']}/{c['n']}"] for c in comps]
-    return markdown_table(["mode", "vs (better baseline)", "seeds", "mean diff", "95% CI low", "95% CI high",
+    return markdown_table(["mode", "vs", "seeds", "mean diff", "95% CI low", "95% CI high",
                            "seeds better"], rows)
 
 
@@ -485,6 +487,24 @@ def sweep_table(records: Sequence[Mapping[str, Any]], model: str) -> str:
     return markdown_table(["mode", "width", "runs", "test", "parameters", "dendrites", "epochs", "seconds"], rows)
 
 
+def _reference_lines(records: Sequence[Mapping[str, Any]], model: str, width: float) -> list[str]:
+    """What the perforatedai rows are: version, variant, where its time goes."""
+    runs = [r for r in records if r["model"] == model and r["mode"] == "perforatedai"
+            and float(r["width"]) == float(width)]
+    ok = [r["result"] for r in runs if "result" in r]
+    if not runs:
+        return []
+    if not ok:
+        return [f"perforatedai: failed on every seed ({runs[0].get('failed')}).\n"]
+    s = summarise(records, model, "perforatedai", width)
+    assert s is not None
+    return [f"perforatedai {ok[0].get('version')} ({ok[0].get('variant')}), settings mirrored from gd; "
+            f"{s['seconds_per_epoch'][0]:.3f} s/epoch in all, of which {s['loop_seconds_per_epoch'][0]:.3f} s in "
+            f"the shared train/evaluate loop and the rest in the library's per-epoch bookkeeping (graphs, CSV "
+            f"files, checkpoints); {sum(not r.get('completed', True) for r in ok)} of {len(ok)} runs hit the epoch "
+            "cap.\n"]
+
+
 def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[str], modes: Sequence[str],
            seeds: Sequence[int], sweep: bool, descriptions: Mapping[str, str], settings: Mapping[str, Settings],
            elapsed: float, pngs: Mapping[str, str | None]) -> tuple[str, dict[str, Any]]:
@@ -494,8 +514,8 @@ def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[st
                  f"score: test {_score_name(suite)} of the best validation network")
     lines.append(f"- split: {'one fixed split (seed 0)' if suite.fixed_split else 'split by seed'}; "
                  f"wall time of this invocation: {elapsed / 60:.1f} min (runs resumed from the JSONL not included)")
-    lines.append(f"- estimated cost of the default run (5 seeds, 1 thread, 2-core shared CPU): "
-                 f"~{suite.estimate_minutes:g} min")
+    lines.append(f"- estimated cost of the default run (5 seeds, 1 thread): ~{suite.estimate_minutes:g} min, from "
+                 "timed single runs on the 2-core machine shared with other jobs (load average about 5)")
     lines.append(f"- suite notes: {suite.notes}")
     lines.append("")
     summary: dict[str, Any] = {"comparisons": {}, "compression": {}}
@@ -506,10 +526,14 @@ def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[st
                      f"{4 * st.patience}), at most {st.max_epochs} epochs per run"
                      f"{' (--quick: 1,000 training rows)' if st.quick else ''}.\n")
         lines.append(mode_table(records, spec.name, spec.default_width, modes))
+        lines += _reference_lines(records, spec.name, spec.default_width)
         comps = compare(records, spec.name, spec.default_width)
+        extra = compare_pair(records, spec.name, spec.default_width, "gd", "perforatedai")
+        comps += [extra] if extra else []
         summary["comparisons"][spec.name] = comps
         if comps:
-            lines.append("Paired over seeds, test score difference against the better baseline:\n")
+            lines.append("Paired over seeds, mean test-score difference (mode - vs); vs is the better of none and "
+                         "none-long by mean test score, unless it names another mode:\n")
             lines.append(comparison_table(comps))
             lines += [f"- {comparison_verdict(c)}" for c in comps]
             lines.append("")
@@ -556,6 +580,8 @@ def plot_curves(suite: Suite, records: Sequence[Mapping[str, Any]], modes: Seque
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(suite.models), figsize=(6.5 * len(suite.models), 4.2), squeeze=False)
     for ax, spec in zip(axes[0], suite.models, strict=True):
+        shown: list[tuple[int, float]] = []
+        plateau = math.inf
         for mode in modes:
             runs = sorted((r for r in records if r["model"] == spec.name and r["mode"] == mode
                            and float(r["width"]) == spec.default_width and "result" in r), key=lambda r: r["seed"])
@@ -563,11 +589,17 @@ def plot_curves(suite: Suite, records: Sequence[Mapping[str, Any]], modes: Seque
                 continue
             hist = runs[0]["result"]["history"]
             x = [h["epoch"] for h in hist]
+            shown += [(h["epoch"], h["score"]) for h in hist]
+            plateau = min([plateau] + [h["epoch"] for h in hist if "plateau" in str(h.get("event", ""))])
             style = _LINE_STYLES.get(mode, {"lw": 1.0})
             (line,) = ax.plot(x, [h["score"] for h in hist], label=f"{mode} (seed {runs[0]['seed']})", **style)
             ins = [h for h in hist if any(e in str(h.get("event", "")) for e in ("installed", "added"))]
             if ins:
                 ax.plot([h["epoch"] for h in ins], [h["score"] for h in ins], "v", color=line.get_color(), ms=7)
+        late = [sc for ep, sc in shown if ep >= plateau / 2 and math.isfinite(sc)]
+        if late:  # zoom on the part after the first climb, where the modes differ
+            lo, hi = min(late), max(sc for _, sc in shown if math.isfinite(sc))
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
         ax.set_title(f"{suite.name} {spec.name} (width {spec.default_width:g}); v = dendrites inserted")
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"validation {_score_name(suite)}")
@@ -626,7 +658,7 @@ def build_parser(suite_name: str) -> argparse.ArgumentParser:
     p.add_argument("--pb-widths", type=_floats, default=None,
                    help="widths at which the sweep trains pb (default: the suite's, listed in the report)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: patience 2, 50 epochs, higher lr, dendrite phases <= 6 epochs, 1,000 training rows")
+                   help="smoke run: patience 2, 60 epochs, higher lr, dendrite phases <= 6 epochs, 1,000 training rows")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs per run (overrides the suite's)")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
                    help="compression sweep (default: on for mnist1d, mnist5k, tox21)")
@@ -660,7 +692,8 @@ def main(argv: Sequence[str]) -> None:
     jobs = plan(suite, modes, seeds, args.widths, sweep, args.pb_widths)
     done = {}
     for r in read_jsonl(jsonl):  # a record counts only if it was made with the same settings
-        if r.get("suite") == suite.name and r.get("settings") == settings[r["model"]].to_dict():
+        if r.get("suite") == suite.name and r.get("model") in settings and \
+                r.get("settings") == settings[r["model"]].to_dict():
             done[_key_of(r)] = r
     records = [done[j.key()] for j in jobs if j.key() in done]
     splits: dict[int, datasets.Split] = {}

@@ -253,7 +253,7 @@ class Controller:
 
     def _start_next_set(self, events: list[str]) -> None:
         cfg = self.config
-        self.best, self.since = None, 0
+        self.best, self._best_state, self.since = None, None, 0  # a new architecture: no best yet
         if cfg.mode == "gd":
             for _, layer in self.layers:
                 layer.install_random(cfg.init_scale, self._generator)
@@ -303,7 +303,7 @@ class Controller:
         self._dp_snapshot = None
         self.dendrites += 1
         self.phase = "neuron"
-        self.best, self.since = None, 0
+        self.best, self._best_state, self.since = None, None, 0  # a new architecture: no best yet
         self._apply_phase()
         events.append("installed")
         return True
