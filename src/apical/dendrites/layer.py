@@ -263,11 +263,6 @@ class DendriticLayer(nn.Module):
             z = correlation_tap(z, a_c, self)
         return z
 
-    #: einsum adding the installed dendrites' outputs [stack D] into candidates [stack C]
-    cascade_equation = ""
-    #: einsum summing candidate output x neuron error over observations into [C, O]
-    stats_equation = ""
-
     # ------------------------------------------------------------------ statistics hooks
     def observation_dims(self, stacked: bool, ndim: int) -> tuple[int, ...]:
         """Dims of a stack (``stacked``) or output tensor that index observations."""
@@ -282,8 +277,6 @@ class DendriticLinear(DendriticLayer):
     """Dendrites for ``nn.Linear``; inputs of any shape ``[..., in_features]``."""
 
     set_axis = -2
-    cascade_equation = "...do,cdo->...co"
-    stats_equation = "...co,...o->co"
 
     def _stack_forward(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         k, o = weight.shape[0], weight.shape[1]
@@ -301,8 +294,6 @@ class DendriticConv(DendriticLayer):
     """Dendrites for ``nn.Conv1d/2d/3d`` (grouped and depthwise included); the set axis is 1."""
 
     set_axis = 1
-    cascade_equation = "ndo...,cdo->nco..."
-    stats_equation = "nco...,no...->co"
 
     def __init__(self, base: nn.Module, activation: str = "sigmoid") -> None:
         super().__init__(base, activation)
