@@ -47,7 +47,7 @@ import apical
 from apical.dendrites.layer import ACTIVATION_FNS
 from apical.export import export
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("benchmarks") / "results"  # relative to the working directory, like every suite
 WRAPPED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -507,7 +507,7 @@ def machine_info(device: torch.device) -> dict:
 def _git_revision() -> str | None:
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path.cwd()
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
