@@ -173,15 +173,7 @@ class Controller:
         elif self._best_state is not None:
             self._load(self._best_state)
         if self.dendrites > self.accepted_dendrites:
-            if self.best is not None and self._improved(self.best, self.accepted_score, self.dendrites):
-                self._accept()
-                events.append("kept")
-            else:
-                for _, layer in self.layers:
-                    layer.remove_last()
-                self.dendrites -= 1
-                restructured = True
-                events.append("reverted")
+            restructured = not self._keep_or_revert(events) or restructured
         elif self._accepted_state is None:
             self._accept()
         self._finish(events)
@@ -216,17 +208,8 @@ class Controller:
             self._accept()
             return self._finish(events)
         if self.dendrites > self.accepted_dendrites:
-            if self._improved(self.best, self.accepted_score, self.dendrites):
-                self._accept()
-                events.append("kept")
-            else:
-                for _, layer in self.layers:
-                    layer.remove_last()
-                self.dendrites -= 1
-                self._load(self._accepted_state)
-                self.best, self._best_state = self.accepted_score, self._accepted_state
+            if not self._keep_or_revert(events):
                 self.tries += 1
-                events.append("reverted")
                 if self.tries >= cfg.max_tries:
                     self._finish(events)
                     return True
@@ -236,6 +219,21 @@ class Controller:
             return self._finish(events)
         self._start_next_set(events)
         return True
+
+    def _keep_or_revert(self, events: list[str]) -> bool:
+        """Decide on the set on trial: keep it if its architecture beat the previous one, else
+        remove it and reload the previous architecture's best weights. True when kept."""
+        if self.best is not None and self._improved(self.best, self.accepted_score, self.dendrites):
+            self._accept()
+            events.append("kept")
+            return True
+        for _, layer in self.layers:
+            layer.remove_last()
+        self.dendrites -= 1
+        self._load(self._accepted_state)
+        self.best, self._best_state = self.accepted_score, self._accepted_state
+        events.append("reverted")
+        return False
 
     def _accept(self) -> None:
         if self.dendrites > self.accepted_dendrites:
