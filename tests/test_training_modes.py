@@ -37,6 +37,7 @@ def _train(model, params, steps, forward):
 
 
 def test_neuron_phase_trains_identically_under_torch_compile():
+    torch._dynamo.reset()  # other tests compiled the same forward code objects: start from a clean cache
     eager, ctl_e = _model_with_dendrites()
     compiled_model, ctl_c = _model_with_dendrites()
     compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
