@@ -3,8 +3,8 @@
 ``apical bench SUITE --modes ...,perforatedai`` trains each seed once more through perforatedai's own
 documented API (``UPA.perforate_model``, ``GPA.pai_tracker.setup_optimizer``, ``add_extra_score``,
 ``add_validation_score``) in a child process (``python -m apical.bench.reference``) with stdin closed,
-a timeout and a temporary working directory, because the package writes files every epoch and can call
-``input()`` / ``pdb`` when it is unhappy. The training loop is ``apical.training.fit``'s: same seeded
+a timeout and a temporary working directory, because the package writes files every epoch and can stop
+to wait for keyboard input or a debugger when it is unhappy. The training loop is ``apical.training.fit``'s: same seeded
 initial weights, same batch order, Adam with the suite's learning rate, the validation score after
 every epoch, the test score once on the network the library returns.
 

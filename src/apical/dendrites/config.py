@@ -69,7 +69,7 @@ class DendriteConfig:
     """Tries per dendrite set: a set that does not beat the previous architecture is removed
     and fresh candidates are trained, at most this many times in all."""
 
-    init_scale: float = 1.0
+    init_scale: float = 3.0
     """Candidate input weights start as ``randn * init_scale / sqrt(fan_in)``."""
 
     candidate_lr_scale: float = 10.0
