@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pb-long-dendrite-phase": {"dendrite_patience": 10, "max_dendrite_epochs": 100},
     "pb-tanh": {"activation": "tanh"},
     "pb-patience-x2": {"patience_factor": 2},
+    "pb-patience-x4": {"patience_factor": 4},
     "pb-inert": {"inert": True},
 }
 
