@@ -156,20 +156,12 @@ class CorrelationStats:
         cov = self.moments()["cov"]
         return torch.where(cov >= 0, 1.0, -1.0).to(torch.float64)
 
-    # state for distributed reduction ------------------------------------------------------
+    # a fingerprint for the ranks' consistency check ----------------------------------------
     def flat(self) -> Tensor:
-        """Everything summable as one float64 vector: n, then the sums (shift included)."""
+        """n, then every running sum, as one float64 vector (the controller checksums it)."""
         parts = [torch.tensor([self.n], dtype=torch.float64, device=self.s_a.device)]
         parts += [getattr(self, k).reshape(-1) for k in self.FIELDS]
         return torch.cat(parts)
-
-    def load_flat(self, flat: Tensor) -> None:
-        self.n = float(flat[0])
-        i = 1
-        for k in self.FIELDS:
-            t = getattr(self, k)
-            setattr(self, k, flat[i : i + t.numel()].view_as(t).clone())
-            i += t.numel()
 
     # the candidates' gradient -----------------------------------------------------------
     def gradient(self, a: Tensor, d: Tensor, layer: DendriticLayer,
