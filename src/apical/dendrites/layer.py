@@ -331,9 +331,14 @@ LAYER_TYPES: dict[type[nn.Module], type[DendriticLayer]] = {
 }
 
 
+def layer_class_for_type(cls: type) -> type[DendriticLayer] | None:
+    """The dendritic layer class that can wrap modules of type ``cls`` (found along its MRO), or None."""
+    for base in cls.__mro__:
+        if base in LAYER_TYPES:
+            return LAYER_TYPES[base]
+    return None
+
+
 def layer_class_for(module: nn.Module) -> type[DendriticLayer] | None:
     """The dendritic layer class that can wrap ``module``, or None."""
-    for cls in type(module).__mro__:
-        if cls in LAYER_TYPES:
-            return LAYER_TYPES[cls]
-    return None
+    return layer_class_for_type(type(module))

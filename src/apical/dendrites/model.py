@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from apical.dendrites.config import DEFAULT_TYPES, DendriteConfig
-from apical.dendrites.layer import LAYER_TYPES, DendriticLayer, layer_class_for
+from apical.dendrites.layer import LAYER_TYPES, DendriticLayer, layer_class_for, layer_class_for_type
 
 # containers that read their children's weights directly instead of calling them
 _OPAQUE_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
@@ -89,13 +89,6 @@ def _select(model: nn.Module, config: DendriteConfig) -> list[str]:
         n for n in selected if not any(_matches(n, names[n], sel) for sel in config.exclude)
     ]
     return selected
-
-
-def layer_class_for_type(cls: type) -> type[DendriticLayer] | None:
-    for base in cls.__mro__:
-        if base in LAYER_TYPES:
-            return LAYER_TYPES[base]
-    return None
 
 
 def perforate(model: nn.Module, config: DendriteConfig | None = None) -> nn.Module:
