@@ -133,13 +133,26 @@ def main() -> None:
     start = time.perf_counter()
     if args.world > 1:
         dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
+        _stage("initialised")
+        probe = torch.tensor([float(args.rank + 1)])
+        dist.all_reduce(probe)  # the environment can run a collective before apical is involved
+        if probe.item() != args.world * (args.world + 1) / 2:
+            raise RuntimeError(f"all_reduce returned {probe.item()}")
+        _stage("collective")
     try:
         result = run(args.rank, args.world)
+        result["seconds"] = time.perf_counter() - start
+        torch.save(result, args.out)
+        _stage("saved")
     finally:
         if args.world > 1:
             dist.destroy_process_group()
-    result["seconds"] = time.perf_counter() - start
-    torch.save(result, args.out)
+    _stage("exit")
+
+
+def _stage(name: str) -> None:
+    """One line per stage reached, so that a rank that dies says where (read by the test)."""
+    print(f"stage: {name}", flush=True)
 
 
 if __name__ == "__main__":
