@@ -79,10 +79,43 @@ def test_compression_verdict_synthetic():
     assert not compression_verdict(ref)[0]
 
 
+def test_sweep_with_excluded_layer_and_long_control(tmp_path):
+    """--exclude keeps dendrites off a layer (parameter count checked against a model built here);
+    --sweep-long adds none-long at the pb widths, and the report asks the compression question of it."""
+    import torch
+
+    import apical
+    from apical import datasets, models
+
+    main(["digits", "--quick", "--seeds", "1", "--modes", "none", "--sweep", "--widths", "0.25,1",
+          "--pb-widths", "0.25", "--sweep-long", "--exclude", "fc0", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "digits.json").read_text())
+    runs = {(r["mode"], r["width"]): r for r in data["runs"]}
+    assert set(runs) == {("none", 0.25), ("none", 1.0), ("pb", 0.25), ("none-long", 0.25)}
+    pb = runs[("pb", 0.25)]
+    assert pb["config"]["exclude"] == ["fc0"] and pb["settings"]["exclude"] == ["fc0"]
+    sets = pb["result"]["dendrites"]
+    model = models.build("mlp", datasets.load("digits", seed=0), 0.25)
+    apical.perforate(model, apical.DendriteConfig(exclude=["fc0"]))
+    assert not isinstance(model.fc0, apical.DendriticLayer)
+    for _ in range(sets):
+        model.out.install_random(1.0, torch.Generator().manual_seed(0))
+    assert pb["result"]["parameters"] == apical.parameter_count(model)
+    md = (tmp_path / "digits.md").read_text()
+    assert "gd and pb put no dendrites on fc0" in md
+    assert "The same question for none-long" in md
+    assert "| none-long | 0.25 | 1 |" in md
+    compression = data["summary"]["compression"]["mlp"]
+    assert {"mode": "none-long", "width": 0.25} in [{k: p[k] for k in ("mode", "width")}
+                                                    for p in compression["points"]]
+
+
 def test_mode_config():
     assert mode_config("none-long", 7, 0).patience == 28
     assert mode_config("none", 7, 0).mode == "none"
     assert mode_config("pb", 7, 3).seed == 3
+    assert mode_config("pb", 7, 3, ["fc1"]).exclude == ("fc1",)
+    assert mode_config("none", 7, 3, ["fc1"]).exclude == ()
     with pytest.raises(ValueError):
         mode_config("wide", 7, 0)
 

@@ -38,15 +38,18 @@ DEFAULT_MODES = ("none", "none-long", "gd", "pb")
 KNOWN_MODES = (*DEFAULT_MODES, "perforatedai")
 CHALLENGERS = ("pb", "gd", "perforatedai")
 DEFAULT_WIDTHS = (0.125, 0.25, 0.5, 1.0)
+SWEEP_MODES = ("none", "none-long", "pb")
+"""Modes the compression sweep reports (none-long only where it was trained: default width, --sweep-long)."""
 QUICK_EPOCHS = 60
 QUICK_DENDRITE_EPOCHS = 6
 
 
-def mode_config(mode: str, patience: int, seed: int) -> DendriteConfig:
+def mode_config(mode: str, patience: int, seed: int, exclude: Sequence[str] = ()) -> DendriteConfig:
     """The DendriteConfig of each benchmark mode; the one place to tune what the modes mean.
 
     ``none``: plain early stopping with patience P. ``none-long``: the same with 4P (a baseline that
-    may train as long as it improves). ``gd`` / ``pb``: DendriteConfig defaults except patience P.
+    may train as long as it improves). ``gd`` / ``pb``: DendriteConfig defaults except patience P, and
+    ``exclude`` (module names that get no dendrites; default none: every Linear/Conv layer).
     ``perforatedai`` (the reference package) mirrors the ``gd`` settings (see ``reference.py``).
     """
     if mode == "none":
@@ -54,9 +57,9 @@ def mode_config(mode: str, patience: int, seed: int) -> DendriteConfig:
     if mode == "none-long":
         return DendriteConfig(mode="none", patience=4 * patience, seed=seed)
     if mode in ("gd", "perforatedai"):
-        return DendriteConfig(mode="gd", patience=patience, seed=seed)
+        return DendriteConfig(mode="gd", patience=patience, seed=seed, exclude=tuple(exclude))
     if mode == "pb":
-        return DendriteConfig(mode="pb", patience=patience, seed=seed)
+        return DendriteConfig(mode="pb", patience=patience, seed=seed, exclude=tuple(exclude))
     raise ValueError(f"unknown benchmark mode {mode!r}; known: {', '.join(KNOWN_MODES)}")
 
 
@@ -184,26 +187,29 @@ class Settings:
     lr: float
     batch_size: int
     quick: bool
+    exclude: tuple[str, ...] = ()
+    """Layers that gd/pb leave without dendrites (``--exclude``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON stores it
 
 
-def run_settings(spec: ModelSpec, quick: bool, max_epochs: int | None) -> Settings:
+def run_settings(spec: ModelSpec, quick: bool, max_epochs: int | None, exclude: Sequence[str] = ()) -> Settings:
     """The effective settings of ``spec``: ``--quick`` shrinks patience and epochs and raises the lr
     (``quick_lr``, default 5x) so that a smoke run reaches its plateaus and dendrite phases in a few epochs."""
     if not quick:
-        return Settings(spec.patience, max_epochs or spec.max_epochs, spec.lr, spec.batch_size, quick)
+        return Settings(spec.patience, max_epochs or spec.max_epochs, spec.lr, spec.batch_size, quick, tuple(exclude))
     lr = spec.quick_lr if spec.quick_lr is not None else 5 * spec.lr
-    return Settings(min(spec.patience, 2), max_epochs or QUICK_EPOCHS, lr, spec.batch_size, quick)
+    return Settings(min(spec.patience, 2), max_epochs or QUICK_EPOCHS, lr, spec.batch_size, quick, tuple(exclude))
 
 
 def plan(suite: Suite, modes: Sequence[str], seeds: Sequence[int], widths: Sequence[float], sweep: bool,
-         pb_widths: Sequence[float] | None = None) -> list[Job]:
+         pb_widths: Sequence[float] | None = None, sweep_long: bool = False) -> list[Job]:
     """Every run of a suite invocation, seed by seed (so partial results stay balanced), no duplicates.
 
     The sweep trains "none" at every width and "pb" at ``pb_widths`` (default: the model's
-    ``pb_widths`` that are in ``widths``); widths >= 1 never get a pb sweep run.
+    ``pb_widths`` that are in ``widths``); widths >= 1 never get a pb sweep run. ``sweep_long`` adds
+    "none-long" at the pb widths: the control for pb's longer training.
     """
     jobs: list[Job] = []
     seen: set[tuple[str, str, float, int]] = set()
@@ -215,6 +221,8 @@ def plan(suite: Suite, modes: Sequence[str], seeds: Sequence[int], widths: Seque
                 pbw = pb_widths if pb_widths is not None else [w for w in widths if w in spec.pb_widths]
                 wanted += [Job(spec.name, "none", float(w), seed) for w in widths]
                 wanted += [Job(spec.name, "pb", float(w), seed) for w in pbw if w < 1.0]
+                if sweep_long:
+                    wanted += [Job(spec.name, "none-long", float(w), seed) for w in pbw if w < 1.0]
         for job in wanted:
             if job.key() not in seen:
                 seen.add(job.key())
@@ -265,7 +273,7 @@ def _record_base(suite: Suite, job: Job, settings: Settings, config: dict[str, A
 def run_job(suite: Suite, job: Job, settings: Settings, split: datasets.Split, timeout: float) -> dict[str, Any]:
     """Train one job; returns a JSON-friendly record (``result`` holds RunResult.to_dict() + history)."""
     spec = next(s for s in suite.models if s.name == job.model)
-    cfg = mode_config(job.mode, settings.patience, job.seed)
+    cfg = mode_config(job.mode, settings.patience, job.seed, settings.exclude)
     if job.mode == "perforatedai":
         from apical.bench import reference
 
@@ -424,7 +432,7 @@ def compression_points(records: Sequence[Mapping[str, Any]],
     """(mode, width) -> (mean test score, mean parameters) for the sweep modes of ``model``."""
     points = {}
     widths = sorted({float(r["width"]) for r in records if r["model"] == model})
-    for mode in ("none", "pb"):
+    for mode in SWEEP_MODES:
         for w in widths:
             s = summarise(records, model, mode, w)
             if s is not None:
@@ -478,7 +486,7 @@ def sweep_table(records: Sequence[Mapping[str, Any]], model: str) -> str:
     """Markdown table of the compression sweep: (mode, width) -> test score and parameters."""
     rows = []
     widths = sorted({float(r["width"]) for r in records if r["model"] == model})
-    for mode in ("none", "pb"):
+    for mode in SWEEP_MODES:
         for w in widths:
             s = summarise(records, model, mode, w)
             if s is not None:
@@ -524,7 +532,8 @@ def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[st
         lines.append(f"## {spec.name}: {descriptions.get(spec.name, spec.kind)} (width {spec.default_width:g})\n")
         lines.append(f"Adam lr {st.lr:g}, batch {st.batch_size}, patience P = {st.patience} (none-long: "
                      f"{4 * st.patience}), at most {st.max_epochs} epochs per run"
-                     f"{' (--quick: 1,000 training rows)' if st.quick else ''}.\n")
+                     f"{' (--quick: 1,000 training rows)' if st.quick else ''}"
+                     f"{'; gd and pb put no dendrites on ' + ', '.join(st.exclude) if st.exclude else ''}.\n")
         lines.append(mode_table(records, spec.name, spec.default_width, modes))
         lines += _reference_lines(records, spec.name, spec.default_width)
         comps = compare(records, spec.name, spec.default_width)
@@ -549,6 +558,10 @@ def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[st
             lines.append(sweep_table(records, spec.name))
             lines.append(f"Does a narrow width + pb match or beat the width-1 'none' mean score with at most half its "
                          f"parameters? {why}\n")
+            if any(m == "none-long" and w < 1.0 for m, w in points):
+                _, why_long = compression_verdict(points, mode="none-long")
+                summary["compression"][spec.name]["none_long_verdict"] = why_long
+                lines.append(f"The same question for none-long, the control for pb's longer training: {why_long}\n")
     if pngs.get("curves"):
         lines.append(f"![validation score per epoch]({pngs['curves']})\n")
     if pngs.get("compression"):
@@ -617,7 +630,7 @@ def plot_compression(suite: Suite, records: Sequence[Mapping[str, Any]], path: P
     fig, axes = plt.subplots(1, len(specs), figsize=(6.5 * len(specs), 4.2), squeeze=False)
     for ax, spec in zip(axes[0], specs, strict=True):
         widths = sorted({float(r["width"]) for r in records if r["model"] == spec.name})
-        for mode in ("none", "pb"):
+        for mode in SWEEP_MODES:
             pts = [(w, summarise(records, spec.name, mode, w)) for w in widths]
             pts = [(w, s) for w, s in pts if s is not None]
             if not pts:
@@ -663,6 +676,11 @@ def build_parser(suite_name: str) -> argparse.ArgumentParser:
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
                    help="compression sweep (default: on for mnist1d, mnist5k, tox21)")
     p.add_argument("--resume", action="store_true", help="keep SUITE.jsonl and skip the runs already in it")
+    p.add_argument("--exclude", default="",
+                   help="comma-separated layer names (or regexes over named_modules()) that gd and pb leave "
+                   "without dendrites, e.g. fc1 (default: none; every Linear/Conv layer gets dendrites)")
+    p.add_argument("--sweep-long", action="store_true",
+                   help="the sweep also trains none-long at the pb widths (the control for pb's longer training)")
     p.add_argument("--reference-timeout", type=float, default=3600.0,
                    help="seconds allowed to one perforatedai run (default 3600)")
     return p
@@ -683,13 +701,16 @@ def main(argv: Sequence[str]) -> None:
     sweep = suite.sweep_default if args.sweep is None else args.sweep
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
-    settings = {s.name: run_settings(s, args.quick, args.max_epochs) for s in suite.models}
+    exclude = tuple(t.strip() for t in args.exclude.split(",") if t.strip())
+    if exclude and "perforatedai" in modes:
+        raise ValueError("--exclude applies to apical's gd and pb only: run perforatedai without it")
+    settings = {s.name: run_settings(s, args.quick, args.max_epochs, exclude) for s in suite.models}
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"{suite.name}.jsonl"
     if not args.resume and jsonl.exists():
         jsonl.unlink()
-    jobs = plan(suite, modes, seeds, args.widths, sweep, args.pb_widths)
+    jobs = plan(suite, modes, seeds, args.widths, sweep, args.pb_widths, args.sweep_long)
     done = {}
     for r in read_jsonl(jsonl):  # a record counts only if it was made with the same settings
         if r.get("suite") == suite.name and r.get("model") in settings and \
