@@ -88,12 +88,15 @@ def test_sweep_with_excluded_layer_and_long_control(tmp_path):
     from apical import datasets, models
 
     main(["digits", "--quick", "--seeds", "1", "--modes", "none", "--sweep", "--widths", "0.25,1",
-          "--pb-widths", "0.25", "--sweep-long", "--exclude", "fc0", "--out", str(tmp_path)])
+          "--pb-widths", "0.25", "--sweep-long", "--exclude", "fc0", "--set", "freeze_base_after_install=true",
+          "--set", "candidates=2", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "digits.json").read_text())
     runs = {(r["mode"], r["width"]): r for r in data["runs"]}
     assert set(runs) == {("none", 0.25), ("none", 1.0), ("pb", 0.25), ("none-long", 0.25)}
     pb = runs[("pb", 0.25)]
     assert pb["config"]["exclude"] == ["fc0"] and pb["settings"]["exclude"] == ["fc0"]
+    assert pb["config"]["freeze_base_after_install"] is True and pb["config"]["candidates"] == 2
+    assert runs[("none", 0.25)]["config"]["freeze_base_after_install"] is False  # --set is for gd/pb only
     sets = pb["result"]["dendrites"]
     model = models.build("mlp", datasets.load("digits", seed=0), 0.25)
     apical.perforate(model, apical.DendriteConfig(exclude=["fc0"]))
@@ -103,11 +106,21 @@ def test_sweep_with_excluded_layer_and_long_control(tmp_path):
     assert pb["result"]["parameters"] == apical.parameter_count(model)
     md = (tmp_path / "digits.md").read_text()
     assert "gd and pb put no dendrites on fc0" in md
+    assert 'gd and pb set {"candidates": 2, "freeze_base_after_install": true}' in md
     assert "The same question for none-long" in md
     assert "| none-long | 0.25 | 1 |" in md
     compression = data["summary"]["compression"]["mlp"]
     assert {"mode": "none-long", "width": 0.25} in [{k: p[k] for k in ("mode", "width")}
                                                     for p in compression["points"]]
+
+
+@pytest.mark.parametrize("item", ["nonsense=1", "mode=gd", "candidates", "candidates=0", "activation=relu6"])
+def test_bad_set_is_refused_before_any_run(item):
+    from apical.bench.suites import parse_overrides
+
+    with pytest.raises(ValueError, match="candidates|activation|--set"):
+        parse_overrides([item])
+    assert parse_overrides(["init_scale=2", "activation=tanh"]) == {"init_scale": 2, "activation": "tanh"}
 
 
 def test_mode_config():

@@ -92,6 +92,28 @@ def test_parameters_follow_the_phase():
     assert {id(p) for p in ctl.parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("mode", ["pb", "gd"])
+def test_freeze_base_after_install_trains_only_the_dendrites(mode):
+    model, ctl = _setup(mode, freeze_base_after_install=True)
+    base = {"0.base.weight", "0.base.bias", "2.base.weight", "2.base.bias"}
+    own = {"0.dendrite_out", "2.dendrite_out"}
+    if mode == "gd":  # gd trains the dendrites' input weights too
+        own |= {f"{i}.dendrite_{k}" for i in (0, 2) for k in ("weight", "bias", "cascade")}
+    names = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    assert names() == base | own  # the first neuron phase: as published
+    steps, _ = _run(model, ctl, [1, 1, 1] if mode == "gd" else [1, 1, 1, 0, 0])
+    assert steps[-1].restructured and ctl.phase == "neuron" and ctl.dendrites == 1
+    assert names() == own
+    for p in model.parameters():
+        p.grad = None
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in base}
+    _epoch(model, ctl)
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters() if n in base)
+    assert model[2].dendrite_out.grad is not None
+    ctl.finish()  # done: every original weight trainable again, for whatever the user does next
+    assert base <= names()
+
+
 def test_user_frozen_parameters_stay_frozen():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))

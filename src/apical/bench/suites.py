@@ -44,22 +44,24 @@ QUICK_EPOCHS = 60
 QUICK_DENDRITE_EPOCHS = 6
 
 
-def mode_config(mode: str, patience: int, seed: int, exclude: Sequence[str] = ()) -> DendriteConfig:
+def mode_config(mode: str, patience: int, seed: int, exclude: Sequence[str] = (),
+                overrides: Mapping[str, Any] | None = None) -> DendriteConfig:
     """The DendriteConfig of each benchmark mode; the one place to tune what the modes mean.
 
     ``none``: plain early stopping with patience P. ``none-long``: the same with 4P (a baseline that
     may train as long as it improves). ``gd`` / ``pb``: DendriteConfig defaults except patience P, and
-    ``exclude`` (module names that get no dendrites; default none: every Linear/Conv layer).
+    ``exclude`` (module names that get no dendrites; default none: every Linear/Conv layer) and any
+    other DendriteConfig ``overrides`` (``--set``, for method variants).
     ``perforatedai`` (the reference package) mirrors the ``gd`` settings (see ``reference.py``).
     """
     if mode == "none":
         return DendriteConfig(mode="none", patience=patience, seed=seed)
     if mode == "none-long":
         return DendriteConfig(mode="none", patience=4 * patience, seed=seed)
-    if mode in ("gd", "perforatedai"):
-        return DendriteConfig(mode="gd", patience=patience, seed=seed, exclude=tuple(exclude))
-    if mode == "pb":
-        return DendriteConfig(mode="pb", patience=patience, seed=seed, exclude=tuple(exclude))
+    if mode in ("gd", "perforatedai", "pb"):
+        kind = "pb" if mode == "pb" else "gd"
+        return DendriteConfig(**{"mode": kind, "patience": patience, "seed": seed, "exclude": tuple(exclude),
+                                 **dict(overrides or {})})
     raise ValueError(f"unknown benchmark mode {mode!r}; known: {', '.join(KNOWN_MODES)}")
 
 
@@ -189,18 +191,27 @@ class Settings:
     quick: bool
     exclude: tuple[str, ...] = ()
     """Layers that gd/pb leave without dendrites (``--exclude``)."""
+    overrides: tuple[tuple[str, Any], ...] = ()
+    """DendriteConfig fields that gd/pb set (``--set KEY=VALUE``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON stores it
+        out = {**dataclasses.asdict(self), "exclude": list(self.exclude)}  # as JSON stores it
+        out.pop("overrides")
+        if self.overrides:  # absent when empty, so results made before --set existed still resume
+            out["overrides"] = dict(self.overrides)
+        return out
 
 
-def run_settings(spec: ModelSpec, quick: bool, max_epochs: int | None, exclude: Sequence[str] = ()) -> Settings:
+def run_settings(spec: ModelSpec, quick: bool, max_epochs: int | None, exclude: Sequence[str] = (),
+                 overrides: Mapping[str, Any] | None = None) -> Settings:
     """The effective settings of ``spec``: ``--quick`` shrinks patience and epochs and raises the lr
     (``quick_lr``, default 5x) so that a smoke run reaches its plateaus and dendrite phases in a few epochs."""
     if not quick:
-        return Settings(spec.patience, max_epochs or spec.max_epochs, spec.lr, spec.batch_size, quick, tuple(exclude))
+        return Settings(spec.patience, max_epochs or spec.max_epochs, spec.lr, spec.batch_size, quick, tuple(exclude),
+                        tuple(sorted((overrides or {}).items())))
     lr = spec.quick_lr if spec.quick_lr is not None else 5 * spec.lr
-    return Settings(min(spec.patience, 2), max_epochs or QUICK_EPOCHS, lr, spec.batch_size, quick, tuple(exclude))
+    return Settings(min(spec.patience, 2), max_epochs or QUICK_EPOCHS, lr, spec.batch_size, quick, tuple(exclude),
+                    tuple(sorted((overrides or {}).items())))
 
 
 def plan(suite: Suite, modes: Sequence[str], seeds: Sequence[int], widths: Sequence[float], sweep: bool,
@@ -273,7 +284,7 @@ def _record_base(suite: Suite, job: Job, settings: Settings, config: dict[str, A
 def run_job(suite: Suite, job: Job, settings: Settings, split: datasets.Split, timeout: float) -> dict[str, Any]:
     """Train one job; returns a JSON-friendly record (``result`` holds RunResult.to_dict() + history)."""
     spec = next(s for s in suite.models if s.name == job.model)
-    cfg = mode_config(job.mode, settings.patience, job.seed, settings.exclude)
+    cfg = mode_config(job.mode, settings.patience, job.seed, settings.exclude, dict(settings.overrides))
     if job.mode == "perforatedai":
         from apical.bench import reference
 
@@ -533,7 +544,8 @@ def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[st
         lines.append(f"Adam lr {st.lr:g}, batch {st.batch_size}, patience P = {st.patience} (none-long: "
                      f"{4 * st.patience}), at most {st.max_epochs} epochs per run"
                      f"{' (--quick: 1,000 training rows)' if st.quick else ''}"
-                     f"{'; gd and pb put no dendrites on ' + ', '.join(st.exclude) if st.exclude else ''}.\n")
+                     f"{'; gd and pb put no dendrites on ' + ', '.join(st.exclude) if st.exclude else ''}"
+                     f"{'; gd and pb set ' + json.dumps(dict(st.overrides)) if st.overrides else ''}.\n")
         lines.append(mode_table(records, spec.name, spec.default_width, modes))
         lines += _reference_lines(records, spec.name, spec.default_width)
         comps = compare(records, spec.name, spec.default_width)
@@ -659,6 +671,25 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` -> DendriteConfig overrides, checked against the config's fields."""
+    fields = {f.name for f in dataclasses.fields(DendriteConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields or key in ("mode", "patience", "seed", "exclude"):
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a DendriteConfig field other than mode, "
+                             f"patience, seed and exclude (set by the suite and --exclude); fields: "
+                             f"{', '.join(sorted(fields))}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    DendriteConfig(**out)  # a bad value fails here, before any run
+    return out
+
+
 def build_parser(suite_name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"apical bench {suite_name}", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1), default 5")
@@ -679,6 +710,9 @@ def build_parser(suite_name: str) -> argparse.ArgumentParser:
     p.add_argument("--exclude", default="",
                    help="comma-separated layer names (or regexes over named_modules()) that gd and pb leave "
                    "without dendrites, e.g. fc1 (default: none; every Linear/Conv layer gets dendrites)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DendriteConfig field for gd and pb, e.g. --set freeze_base_after_install=true "
+                   "(repeatable; VALUE is read as JSON, else as a string)")
     p.add_argument("--sweep-long", action="store_true",
                    help="the sweep also trains none-long at the pb widths (the control for pb's longer training)")
     p.add_argument("--reference-timeout", type=float, default=3600.0,
@@ -702,9 +736,10 @@ def main(argv: Sequence[str]) -> None:
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
     exclude = tuple(t.strip() for t in args.exclude.split(",") if t.strip())
-    if exclude and "perforatedai" in modes:
-        raise ValueError("--exclude applies to apical's gd and pb only: run perforatedai without it")
-    settings = {s.name: run_settings(s, args.quick, args.max_epochs, exclude) for s in suite.models}
+    overrides = parse_overrides(args.overrides)
+    if (exclude or overrides) and "perforatedai" in modes:
+        raise ValueError("--exclude and --set apply to apical's gd and pb only: run perforatedai without them")
+    settings = {s.name: run_settings(s, args.quick, args.max_epochs, exclude, overrides) for s in suite.models}
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"{suite.name}.jsonl"

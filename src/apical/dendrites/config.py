@@ -81,6 +81,13 @@ class DendriteConfig:
     exactly at insertion; a positive value starts ``v = -sign(corr) * output_init``
     (Cascade-Correlation's signed start, "pb" only)."""
 
+    freeze_base_after_install: bool = False
+    """Once a dendrite set is installed, neuron phases train only the dendrites' own trainable
+    tensors (v; in "gd" also the dendrites' input weights) and leave every original weight
+    frozen, as Cascade-Correlation trains only the output weights after adding a unit. For
+    networks that overfit as soon as training continues (measured on Tox21). Default False: the
+    method as published, where neuron phases train every original weight."""
+
     normaliser: str = "error"
     """Correlation normaliser: "error" divides the covariance by the error's standard
     deviation (Cascade-Correlation); "pearson" also by the candidate's (a true correlation)."""
@@ -114,6 +121,9 @@ class DendriteConfig:
                 f"DendriteConfig.min_dendrite_epochs ({self.min_dendrite_epochs}) exceeds "
                 f"max_dendrite_epochs ({self.max_dendrite_epochs})"
             )
+        if not isinstance(self.freeze_base_after_install, bool):
+            raise ValueError("DendriteConfig.freeze_base_after_install must be True or False, "
+                             f"got {self.freeze_base_after_install!r}")
         for name in ("init_scale", "candidate_lr_scale"):
             self._check_float(name, positive=True)
         for name in ("output_init", "improvement_threshold_raw", "dendrite_improvement"):

@@ -366,12 +366,13 @@ class Controller:
     def _apply_phase(self) -> None:
         """Set requires_grad and BatchNorm momentum for the current phase."""
         neuron = self.phase == "neuron"
+        base_trains = neuron and not (self.config.freeze_base_after_install and self.dendrites > 0 and not self.done)
         for _, layer in self.layers:
             layer.set_training_mode(self.phase, perforated=self.config.mode == "pb")
         own = self._dendrite_param_ids()
         for name, p in self.model.named_parameters():
             if id(p) not in own:
-                p.requires_grad_(self._base_flags.get(name, True) and neuron)
+                p.requires_grad_(self._base_flags.get(name, True) and base_trains)
         for name, module in self.model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 if not neuron and name not in self._bn_momentum:
