@@ -128,6 +128,7 @@ def test_mode_config():
     assert mode_config("none", 7, 0).mode == "none"
     assert mode_config("pb", 7, 3).seed == 3
     assert mode_config("pb", 7, 3, ["fc1"]).exclude == ("fc1",)
+    assert mode_config("pb", 7, 3, overrides={"patience": 28}).patience == 28
     assert mode_config("none", 7, 3, ["fc1"]).exclude == ()
     with pytest.raises(ValueError):
         mode_config("wide", 7, 0)

@@ -51,7 +51,8 @@ def mode_config(mode: str, patience: int, seed: int, exclude: Sequence[str] = ()
     ``none``: plain early stopping with patience P. ``none-long``: the same with 4P (a baseline that
     may train as long as it improves). ``gd`` / ``pb``: DendriteConfig defaults except patience P, and
     ``exclude`` (module names that get no dendrites; default none: every Linear/Conv layer) and any
-    other DendriteConfig ``overrides`` (``--set``, for method variants).
+    other DendriteConfig ``overrides`` (``--set``, for method variants; ``patience`` there changes gd/pb's
+    neuron-phase patience only).
     ``perforatedai`` (the reference package) mirrors the ``gd`` settings (see ``reference.py``).
     """
     if mode == "none":
@@ -678,10 +679,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or key not in fields or key in ("mode", "patience", "seed", "exclude"):
+        if not sep or key not in fields or key in ("mode", "seed", "exclude"):
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a DendriteConfig field other than mode, "
-                             f"patience, seed and exclude (set by the suite and --exclude); fields: "
-                             f"{', '.join(sorted(fields))}")
+                             f"seed and exclude (set by the suite and --exclude); fields: {', '.join(sorted(fields))}")
         try:
             out[key] = json.loads(text)
         except json.JSONDecodeError:
