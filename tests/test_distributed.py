@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -38,10 +39,10 @@ def _script():
 def runs(tmp_path_factory):
     """Rank 0 and rank 1 of a 2-process DDP run (subprocesses), and the single-process run."""
     tmp = tmp_path_factory.mktemp("ddp")
-    store = tmp / "store"
+    init = f"tcp://127.0.0.1:{_free_port()}"  # a TCP store on rank 0, as torchrun and Lightning set it up
     procs = [
         subprocess.Popen([sys.executable, str(SCRIPT), str(tmp / f"rank{r}.pt"), "--rank", str(r), "--world", "2",
-                          "--init", f"file://{store}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          "--init", init], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for r in range(2)
     ]
     start = time.perf_counter()
@@ -60,6 +61,12 @@ def runs(tmp_path_factory):
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
     print(f"2-rank DDP cycle and single-process reference: {time.perf_counter() - start:.1f} s wall")
     return ranks, single
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _check_rank(returncode: int, out: str) -> None:
