@@ -1,6 +1,6 @@
 """One Perforated Backpropagation cycle on a tiny MLP, on one process or as one rank of a DDP run.
 
-    python ddp_cycle.py OUT --rank R --world W --init file:///tmp/store
+    python ddp_cycle.py OUT --rank R --world W --init tcp://127.0.0.1:29500
 
 Rank R of W trains on rows R*b .. (R+1)*b - 1 of every global batch (b = global batch / W) and
 scores on its share of the validation set; with ``--world 1`` (or :func:`run` called with
