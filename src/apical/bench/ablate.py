@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pb-patience-x2": {"patience_factor": 2},
     "pb-patience-x4": {"patience_factor": 4},
     "pb-inert": {"inert": True},
+    "pb-freeze-base": {"freeze_base_after_install": True},
 }
 
 
