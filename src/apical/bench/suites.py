@@ -125,13 +125,13 @@ SUITES: dict[str, Suite] = {
         dataset="mnist1d",
         models=(
             ModelSpec("mlp", "mlp", 0.25, 1e-3, 64, 10, 1000, sweep=True, pb_widths=(0.125, 0.25)),
-            ModelSpec("cnn", "cnn1d", 0.25, 2e-3, 128, 10, 600),
+            ModelSpec("cnn", "cnn1d", 0.25, 2e-3, 128, 10, 600, sweep=True, pb_widths=(0.125, 0.25)),
         ),
         sweep_default=True,
         estimate_minutes=26,
         notes="MLP 40-64-64-10 and Conv1dNet (32, 32) at width 1; modes compared at width 1/4. "
-        "Reduced for CPU time: the sweep covers the MLP only, with pb at widths 1/8 and 1/4 (at 1/2 the "
-        "plain MLP has 36% of the width-1 parameters, so with one dendrite set it is over half: it cannot "
+        "Reduced for CPU time: the sweep trains pb at widths 1/8 and 1/4 only (at 1/2 a plain network has "
+        "over a third of the width-1 parameters, so with one dendrite set it is over half: it cannot "
         "meet the compression criterion; --pb-widths adds it); the CNN trains with batch 128, lr 2e-3, at "
         "most 600 epochs.",
     ),
