@@ -207,12 +207,11 @@ def run_settings(spec: ModelSpec, quick: bool, max_epochs: int | None, exclude: 
                  overrides: Mapping[str, Any] | None = None) -> Settings:
     """The effective settings of ``spec``: ``--quick`` shrinks patience and epochs and raises the lr
     (``quick_lr``, default 5x) so that a smoke run reaches its plateaus and dendrite phases in a few epochs."""
+    variant = (tuple(exclude), tuple(sorted((overrides or {}).items())))
     if not quick:
-        return Settings(spec.patience, max_epochs or spec.max_epochs, spec.lr, spec.batch_size, quick, tuple(exclude),
-                        tuple(sorted((overrides or {}).items())))
+        return Settings(spec.patience, max_epochs or spec.max_epochs, spec.lr, spec.batch_size, quick, *variant)
     lr = spec.quick_lr if spec.quick_lr is not None else 5 * spec.lr
-    return Settings(min(spec.patience, 2), max_epochs or QUICK_EPOCHS, lr, spec.batch_size, quick, tuple(exclude),
-                    tuple(sorted((overrides or {}).items())))
+    return Settings(min(spec.patience, 2), max_epochs or QUICK_EPOCHS, lr, spec.batch_size, quick, *variant)
 
 
 def plan(suite: Suite, modes: Sequence[str], seeds: Sequence[int], widths: Sequence[float], sweep: bool,
