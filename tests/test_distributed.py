@@ -205,3 +205,20 @@ def test_synchronisation_can_be_turned_off(one_rank_group, monkeypatch):
         assert _dist.world_size() == 1
     finally:
         apical.distributed.set_synchronised(True)
+
+
+def test_apical_group_is_released_with_the_default_group(tmp_path):
+    """apical's own group lives as long as the user's default group, not until interpreter exit."""
+    import gc
+    import weakref
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mine = weakref.ref(_dist.group())
+        assert _dist.group() is mine() and len(_dist._groups) == 1  # created once, then reused
+        buf = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        assert torch.equal(_dist.all_reduce_sum(buf), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    assert mine() is None and len(_dist._groups) == 0

@@ -8,11 +8,19 @@ with DistributedDataParallel's gradient buckets on the default group.
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_state: dict = {"enabled": True, "world": None, "group": None}
+_state: dict = {"enabled": True}
+# default group -> apical's group over the same ranks. Weak keys: when the user destroys the
+# default group, apical's group goes with it, rather than living on until the interpreter's
+# teardown (where destroying a gloo group can abort the process).
+_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+atexit.register(_groups.clear)
 
 
 def set_enabled(enabled: bool) -> None:
@@ -30,10 +38,10 @@ def world_size() -> int:
 def group():
     """apical's own process group over every rank (created on first use)."""
     world = dist.group.WORLD
-    if _state["group"] is None or _state["world"] is not world:
-        _state["group"] = dist.new_group()
-        _state["world"] = world
-    return _state["group"]
+    mine = _groups.get(world)
+    if mine is None:
+        mine = _groups[world] = dist.new_group()
+    return mine
 
 
 def _device(tensor: Tensor) -> torch.device:
