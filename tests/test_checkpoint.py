@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch as st
 import torch
@@ -445,8 +446,76 @@ def _same(a, b):
             assert a[key] == b[key], key
 
 
-def test_enough_malformed_cases():
-    assert len(CASES) >= 20
+def test_malformed_cases_are_edits_of_a_loadable_file(good_file, tmp_path):
+    """The control for the malformed cases below: the file they edit loads into both targets they use, and
+    every edit changes its bytes, so each refusal is caused by the edit (or by the target the case names).
+    (That each case raises CheckpointError and leaves the file byte-identical is checked per case below.)"""
+    ids = [c[0] for c in CASES]
+    assert len(ids) >= 20 and len(set(ids)) == len(ids)
+    path = tmp_path / "good.safetensors"
+    path.write_bytes(good_file)
+    for kind in ("resume", "fresh"):
+        model, ctl, opt = _target(kind)
+        assert load(path, model, ctl, opt)["epoch"] == 19
+        assert structure(model) == {"0": {"dendrites": 1, "candidates": 2}, "2": {"dendrites": 1, "candidates": 2}}
+        if ctl is not None:
+            assert ctl.phase == "dendrite" and ctl.epoch == 19
+    assert path.read_bytes() == good_file
+    for name, mutate, kind, _ in CASES:
+        if callable(mutate):
+            assert mutate(good_file) != good_file, name
+        else:  # no edit: the target itself does not fit the good file
+            assert mutate in (None, "directory", "missing") and (mutate is not None or kind not in ("resume", "fresh"))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_loaded_model_computes_the_dendrite_formula(tmp_path, activation):
+    """A checkpoint of tensors set by hand, loaded into a fresh plain model, computes
+    z = W x + b + sum_k v_k f(D_k x + b_k + sum_{e<k} u_ke a_e) per layer, written out in numpy."""
+    g = torch.Generator().manual_seed(11)
+
+    def net():
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    model = perforate(net(), DendriteConfig(activation=activation))
+    ref = []
+    for i, sets in ((0, 2), (2, 1)):
+        layer = model[i]
+        layer.resize(sets)
+        o, n = layer.out_channels, layer.fan_in
+        t = {"W": torch.randn(o, n, generator=g), "b": torch.randn(o, generator=g),
+             "D": torch.randn(sets, o, n, generator=g), "bd": torch.randn(sets, o, generator=g),
+             "u": torch.randn(sets, sets, o, generator=g), "v": torch.randn(sets, o, generator=g)}
+        with torch.no_grad():
+            layer.base.weight.copy_(t["W"])
+            layer.base.bias.copy_(t["b"])
+            layer.dendrite_weight.copy_(t["D"])
+            layer.dendrite_bias.copy_(t["bd"])
+            layer.dendrite_cascade.copy_(t["u"])  # only its strictly lower triangle may count
+            layer.dendrite_out.copy_(t["v"])
+        ref.append({k: v.double().numpy() for k, v in t.items()})
+    save(tmp_path / "hand.safetensors", model)
+
+    fresh = net()
+    load(tmp_path / "hand.safetensors", fresh)
+    x = torch.randn(5, 3, generator=g)
+    fresh.eval()
+    with torch.no_grad():
+        got = fresh(x).double().numpy()
+
+    f = {"sigmoid": lambda s: 1 / (1 + np.exp(-s)), "tanh": np.tanh}[activation]
+    h = x.double().numpy()
+    for i, r in enumerate(ref):
+        z = h @ r["W"].T + r["b"]
+        acts = []
+        for k in range(len(r["v"])):
+            pre = h @ r["D"][k].T + r["bd"][k]
+            for e in range(k):
+                pre = pre + r["u"][k, e] * acts[e]
+            acts.append(f(pre))
+            z = z + r["v"][k] * acts[k]
+        h = np.tanh(z) if i == 0 else z
+    np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

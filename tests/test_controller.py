@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -263,3 +264,144 @@ def test_finish_right_after_a_restructure_reverts_to_the_kept_network(mode, scor
     step = ctl.finish()
     assert step.done and step.restructured and ctl.dendrites == 0
     assert all(torch.equal(states[1][k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------- which weights, against references
+def test_weights_after_a_plateau_or_a_revert_are_the_best_snapshots():
+    """Right after a plateau (and before any further epoch) the model holds the best epoch's weights of
+    its architecture; right after a revert, the accepted architecture's best weights. The references are
+    copies of the state taken in this loop at the epochs the script makes best."""
+    model, ctl = _setup("pb")
+    trained, after = [], []
+    for s in SCRIPT:
+        _epoch(model, ctl)
+        trained.append(copy.deepcopy(model.state_dict()))
+        ctl.step(s)
+        after.append(copy.deepcopy(model.state_dict()))
+
+    def assert_holds(epoch, best_epoch):
+        ref, got = trained[best_epoch - 1], after[epoch - 1]
+        assert {k for k in got if "candidate_" not in k} == set(ref), epoch
+        for k, v in ref.items():
+            assert torch.equal(got[k], v), (epoch, k)
+        # the weights the plateau left behind differ from the best ones (else the check proves nothing)
+        assert any(not torch.equal(trained[epoch - 1][k], v) for k, v in ref.items() if k in trained[epoch - 1])
+
+    assert ctl.history[3]["event"] == "plateau,dendrite_phase"
+    assert_holds(4, 2)  # plateau of architecture 0 (scores 1, 2, 2, 2): epoch 2's weights
+    assert ctl.history[9]["event"] == "plateau,kept,dendrite_phase"
+    assert_holds(10, 8)  # plateau of architecture 1, kept: epoch 8's weights
+    assert ctl.history[14]["event"] == "plateau,reverted,dendrite_phase"
+    assert_holds(15, 8)  # architecture 2 reverted: the accepted architecture's best (epoch 8), not epoch 13's
+
+
+def _capture_layers(layers, store):
+    """Forward hooks: per layer, each training batch's input and (after backward) output error."""
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(module, inputs, out, i=i):
+            entry = {"x": inputs[0].detach().clone()}
+            store[i].append(entry)
+            out.register_hook(lambda g: entry.__setitem__("d", g.detach().clone()))
+        handles.append(layer.register_forward_hook(hook))
+    return handles
+
+
+def _sig(t):
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+def _numpy_cov_scores(layer_ref, batches):
+    """Covariance [C, O] of each candidate with the neuron's error over an epoch, and the error-normalised
+    score, in float64 numpy from the layer's inputs and errors and the tensors set by the test."""
+    acts, errs = [], []
+    for b in batches:
+        x = b["x"].double().numpy()
+        a_inst = _sig(x @ layer_ref["D"].T + layer_ref["bd"])  # [N, O], the installed set
+        pre = np.einsum("ni,coi->nco", x, layer_ref["W"]) + layer_ref["b"] + layer_ref["u"][:, 0] * a_inst[:, None]
+        acts.append(_sig(pre))
+        errs.append(b["d"].double().numpy())
+    a, d = np.concatenate(acts), np.concatenate(errs)
+    ac, dc = a - a.mean(0), d - d.mean(0)
+    cov = (ac * dc[:, None, :]).mean(0)
+    return cov, np.abs(cov) / dc.std(0)
+
+
+@pytest.mark.parametrize("output_init", [0.0, 0.5])
+def test_installed_candidate_is_the_best_of_the_best_correlation_epoch(output_init):
+    """A dendrite phase of three epochs with candidate tensors set by the test (no optimiser step, so each
+    epoch's candidates are known exactly). The correlation peaks at epoch 2; epoch 3 ends the phase. The
+    installed set must be, per neuron, epoch 2's candidate with the highest numpy score, with
+    v = -sign(cov) * output_init."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    cfg = DendriteConfig(mode="pb", candidates=3, patience=1, max_dendrites=3, dendrite_patience=1,
+                         dendrite_improvement=0.0, min_dendrite_epochs=1, max_dendrite_epochs=10,
+                         improvement_threshold=0.0, improvement_threshold_raw=0.0, output_init=output_init, seed=0)
+    apical.perforate(model, cfg)
+    layers = [model[0], model[2]]
+    for layer in layers:  # one installed set, so the candidates have a cascade input
+        layer.install_random(1.0)
+        with torch.no_grad():
+            layer.dendrite_out.normal_()
+    ctl = Controller(model, cfg)
+    _run(model, ctl, [1, 1])
+    assert ctl.phase == "dendrite" and ctl.dendrites == 1
+    installed = [{k: getattr(layer, f"dendrite_{k}").detach().clone() for k in ("weight", "bias", "cascade")}
+                 for layer in layers]
+
+    g = torch.Generator().manual_seed(7)
+    data = [(torch.randn(16, 3, generator=g), torch.randn(16, 2, generator=g)) for _ in range(3)]
+    base = [{"W": torch.randn(3, layer.out_channels, layer.fan_in, generator=g) * 2,
+             "b": torch.randn(3, layer.out_channels, generator=g),
+             "u": torch.randn(3, 1, layer.out_channels, generator=g)} for layer in layers]
+    # epoch 1: weak; epoch 2: strong (the best); epoch 3: candidates rolled and weak (ends the phase)
+    variants = [lambda t: 0.3 * t, lambda t: t, lambda t: 0.1 * t.roll(1, 0)]
+    refs, totals, steps = [], [], []
+    for vary in variants:
+        per_layer = []
+        for layer, tensors in zip(layers, base, strict=True):
+            eff = {k: vary(v) for k, v in tensors.items()}
+            with torch.no_grad():  # the layer stores candidates divided by the lr scale
+                layer.candidate_weight.copy_(eff["W"] / layer.candidate_scale)
+                layer.candidate_bias.copy_(eff["b"] / layer.candidate_scale)
+                layer.candidate_cascade.copy_(eff["u"] / layer.candidate_scale)
+            per_layer.append({"W": eff["W"].double().numpy(), "b": eff["b"].double().numpy(),
+                              "u": eff["u"].double().numpy(), "eff": eff,
+                              "D": layer.dendrite_weight[0].detach().double().numpy(),
+                              "bd": layer.dendrite_bias[0].detach().double().numpy()})
+        store = [[] for _ in layers]
+        handles = _capture_layers(layers, store)
+        model.train()
+        for x, y in data:
+            nn.functional.mse_loss(model(x), y).backward()
+        for h in handles:
+            h.remove()
+        for ref, batches in zip(per_layer, store, strict=True):
+            ref["cov"], ref["score"] = _numpy_cov_scores(ref, batches)
+        refs.append(per_layer)
+        totals.append(np.concatenate([r["score"].max(0) for r in per_layer]).mean())
+        steps.append(ctl.step(0.0))
+    assert totals[1] > totals[0] and totals[2] < totals[1], totals  # the script does what it says
+    assert [s.event for s in steps] == ["correlation_improved"] * 2 + ["installed"]
+    assert [h["correlation"] for h in ctl.history[-3:]] == pytest.approx(totals, rel=1e-5)
+    assert ctl.dendrites == 2 and ctl.phase == "neuron"
+    for layer, ref, before in zip(layers, refs[1], installed, strict=True):
+        o = layer.out_channels
+        score = ref["score"]
+        best = score.argmax(0)
+        top2 = np.sort(score, 0)[-2:]
+        assert (top2[1] - top2[0] > 1e-3 * top2[1]).all()  # no near-ties: the argmax is unambiguous
+        cols = np.arange(o)
+        eff = ref["eff"]
+        assert layer.num_dendrites == 2 and layer.num_candidates == 0
+        torch.testing.assert_close(layer.dendrite_weight[1], eff["W"][best, cols], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(layer.dendrite_bias[1], eff["b"][best, cols], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(layer.dendrite_cascade[1, 0], eff["u"][best, 0, cols], rtol=1e-6, atol=1e-7)
+        assert torch.equal(layer.dendrite_cascade[:, 1], torch.zeros(2, o))
+        for k in ("weight", "bias"):  # the first set is untouched
+            assert torch.equal(getattr(layer, f"dendrite_{k}")[0], before[k][0])
+        sign = np.sign(ref["cov"][best, cols])
+        assert (np.abs(ref["cov"][best, cols]) > 0).all()
+        want_v = torch.tensor(-sign * output_init, dtype=torch.float32)
+        torch.testing.assert_close(layer.dendrite_out[1].detach(), want_v, rtol=0, atol=0)

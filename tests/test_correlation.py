@@ -137,3 +137,65 @@ def test_eval_forward_does_not_touch_statistics():
     assert layer.stats.empty
     with pytest.raises(RuntimeError, match="no correlation statistics"):
         layer.candidate_scores()
+
+
+def _mlp(widths):
+    mods = []
+    for i in range(len(widths) - 1):
+        mods.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            mods.append(nn.Tanh())
+    return nn.Sequential(*mods)
+
+
+@pytest.mark.parametrize("widths", [(4, 5, 2), (4, 5, 6, 2)], ids=["2-layer", "3-layer"])
+def test_candidates_leave_the_error_of_lower_layers_unchanged(widths):
+    """Candidates read a detached input: in a dendrite phase of a multi-layer network, the error reaching
+    each layer, and so each layer's statistics, equal those of a hand-built copy without candidates
+    (errors by autograd on the copy, covariances in numpy)."""
+    torch.manual_seed(6)
+    model = _mlp(widths)
+    apical.perforate(model, apical.DendriteConfig())
+    layers = [m for m in model if isinstance(m, apical.DendriticLinear)]
+    for layer in layers:
+        layer.install_random(1.0)
+        layer.add_candidates(3, 3.0)
+        with torch.no_grad():
+            layer.dendrite_out.normal_()
+            layer.candidate_cascade.normal_()
+        layer.set_training_mode("dendrite", perforated=True)
+        layer.base.requires_grad_(False)
+    x, y = torch.randn(32, widths[0]), torch.randn(32, widths[-1])
+    errors = []
+    handles = [layer.register_forward_hook(_error_recorder(errors)) for layer in layers]
+    nn.functional.mse_loss(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    errors.reverse()  # the hooks fire from the top layer down
+
+    # the plain copy: z = W h + b + v * sigmoid(D h + b_d), the installed dendrite reading h detached (pb)
+    h, zs, inputs = x, [], []
+    for i, layer in enumerate(layers):
+        w = layer.base.weight.detach().clone().requires_grad_(True)  # so that autograd reaches every z
+        b = layer.base.bias.detach().clone()
+        dw, db, v = (t.detach().clone() for t in (layer.dendrite_weight[0], layer.dendrite_bias[0],
+                                                   layer.dendrite_out[0]))
+        inputs.append(h.detach().double().numpy())
+        z = h @ w.T + b + v * torch.sigmoid(h.detach() @ dw.T + db)
+        zs.append(z)
+        h = torch.tanh(z) if i < len(layers) - 1 else z
+    want = torch.autograd.grad(nn.functional.mse_loss(h, y), zs)
+    for i, (got, ref) in enumerate(zip(errors, want, strict=True)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-9, msg=f"layer {i}")
+
+    for i, layer in enumerate(layers):
+        xin = inputs[i]
+        cw, cb, cu = (t.detach().double().numpy() for t in layer.candidate_tensors())
+        a_inst = 1 / (1 + np.exp(-(xin @ layer.dendrite_weight[0].detach().double().numpy().T
+                                   + layer.dendrite_bias[0].detach().double().numpy())))
+        pre = np.einsum("ni,coi->nco", xin, cw) + cb + cu[:, 0] * a_inst[:, None]
+        a = 1 / (1 + np.exp(-pre))
+        d = want[i].double().numpy()
+        cov = ((a - a.mean(0)) * (d - d.mean(0))[:, None]).mean(0)
+        got = layer.stats.moments()["cov"].numpy()
+        np.testing.assert_allclose(got, cov, rtol=1e-4, atol=1e-5 * np.abs(cov).max(), err_msg=f"layer {i}")

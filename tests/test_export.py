@@ -1,9 +1,11 @@
 import importlib.util
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -246,3 +248,121 @@ def test_onnx_export_runs_in_onnxruntime(dynamo, tmp_path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         assert abs(got - expected).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------- against numpy
+def _np_act(name: str, h: np.ndarray) -> np.ndarray:
+    return {"sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)), "tanh": np.tanh, "relu": lambda a: np.maximum(a, 0.0)}[
+        name](h)
+
+
+def _np_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, padding: int, groups: int) -> np.ndarray:
+    """Cross-correlation, stride 1, zero padding, grouped: written out with numpy."""
+    k = w.shape[-1]
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    patches = sliding_window_view(xp, (k, k), axis=(2, 3))  # [N, C, H', W', k, k]
+    ci, co = x.shape[1] // groups, w.shape[0] // groups
+    out = [np.einsum("ncyxij,ocij->noyx", patches[:, g * ci : (g + 1) * ci], w[g * co : (g + 1) * co])
+           for g in range(groups)]
+    return np.concatenate(out, axis=1) + b[None, :, None, None]
+
+
+def _np_dendritic(x, w, b, dw, db, v, u, act, op, chan):
+    """z = op(x, W, b) + sum_k v_k * act(op(x, D_k, b_k) + sum_{e<k} u[k, e] * a_e), per channel."""
+    z = op(x, w, b)
+    acts = []
+    for k in range(dw.shape[0]):
+        h = op(x, dw[k], db[k])
+        for e in range(k):
+            h = h + chan(u[k, e]) * acts[e]
+        acts.append(_np_act(act, h))
+        z = z + chan(v[k]) * acts[k]
+    return z
+
+
+def _set_dendrites(layer: DendriticLayer, seed: int) -> dict[str, np.ndarray]:
+    """Overwrite every tensor of ``layer`` (2 installed sets) with values drawn here; the cascade's unread
+    entries (diagonal, e >= k) are non-zero too, and must be ignored."""
+    rng = np.random.default_rng(seed)
+    o, tail = layer.out_channels, layer.weight_tail
+    vals = {
+        "w": rng.normal(size=(o, *tail)), "b": rng.normal(size=o),
+        "dw": rng.normal(size=(2, o, *tail)), "db": rng.normal(size=(2, o)),
+        "v": rng.normal(size=(2, o)) + 0.5, "u": rng.normal(size=(2, 2, o)) * 2.0,
+    }
+    targets = {"w": layer.base.weight, "b": layer.base.bias, "dw": layer.dendrite_weight, "db": layer.dendrite_bias,
+               "v": layer.dendrite_out, "u": layer.dendrite_cascade}
+    with torch.no_grad():
+        for key, tensor in targets.items():
+            assert tensor.shape == vals[key].shape, key
+            tensor.copy_(torch.from_numpy(vals[key]))
+    assert np.all(vals["u"][1, 0] != 0)  # the one cascade entry that is read
+    return vals
+
+
+def _dendritic_model(base: nn.Module, activation: str, seed: int) -> tuple[nn.Sequential, dict[str, np.ndarray]]:
+    model = nn.Sequential(base, nn.Tanh()).double()
+    apical.perforate(model, apical.DendriteConfig(mode="pb", activation=activation))
+    layer = model[0]
+    for _ in range(2):
+        layer.install_random(1.0)
+    return model, _set_dendrites(layer, seed)
+
+
+def _check_plain_structure(exported: nn.Module, fused_type: type, shapes: dict[str, tuple[int, ...]]) -> None:
+    assert not any(isinstance(m, DendriticLayer) for m in exported.modules())
+    assert type(exported[0]) is fused_type and type(exported[1]) is nn.Tanh
+    for m in exported.modules():  # only torch.nn modules and the two fused ones
+        assert type(m).__module__.startswith("torch.nn") or type(m) in (FusedDendriticLinear, FusedDendriticConv)
+    got = {n: tuple(p.shape) for n, p in exported.named_parameters()}
+    assert got == shapes
+    assert all(p.dtype == torch.float64 for p in exported.parameters())
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+def test_fused_linear_matches_numpy(activation):
+    model, t = _dendritic_model(nn.Linear(5, 4), activation, seed=1)
+    x = np.random.default_rng(2).normal(size=(7, 5))
+    expected = np.tanh(_np_dendritic(x, t["w"], t["b"], t["dw"], t["db"], t["v"], t["u"], activation,
+                                     lambda a, w, b: a @ w.T + b, lambda p: p))
+    exported = export(model)
+    _check_plain_structure(exported, FusedDendriticLinear, {
+        "0.linear.weight": (12, 5), "0.linear.bias": (12,), "0.dendrite_out": (2, 4), "0.dendrite_cascade": (2, 2, 4),
+    })
+    fused = exported[0]
+    assert fused.dendrites == 2 and fused.cascaded and fused.activation == activation
+    # documented layout: rows [0, O) the wrapped layer's, rows [(k + 1) O, (k + 2) O) set k's
+    np.testing.assert_array_equal(fused.linear.weight.detach().numpy(), np.concatenate([t["w"], *t["dw"]]))
+    np.testing.assert_array_equal(fused.linear.bias.detach().numpy(), np.concatenate([t["b"], *t["db"]]))
+    np.testing.assert_array_equal(fused.dendrite_out.detach().numpy(), t["v"])
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        np.testing.assert_allclose(exported(xt).numpy(), expected, rtol=1e-10, atol=1e-12)  # in place
+    np.testing.assert_allclose(exported(xt).detach().numpy(), expected, rtol=1e-10, atol=1e-12)  # functional
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_conv2d_matches_numpy(groups, activation):
+    model, t = _dendritic_model(nn.Conv2d(4, 6, 3, padding=1, groups=groups), activation, seed=3 + groups)
+    x = np.random.default_rng(4).normal(size=(2, 4, 5, 5))
+    expected = np.tanh(_np_dendritic(x, t["w"], t["b"], t["dw"], t["db"], t["v"], t["u"], activation,
+                                     lambda a, w, b: _np_conv2d(a, w, b, 1, groups), lambda p: p[None, :, None, None]))
+    exported = export(model)
+    _check_plain_structure(exported, FusedDendriticConv, {
+        "0.conv.weight": (18, 4 // groups, 3, 3), "0.conv.bias": (18,),
+        "0.dendrite_out": (2, groups, 6 // groups, 1, 1), "0.dendrite_cascade": (2, 2, groups, 6 // groups, 1, 1),
+    })
+    fused = exported[0]
+    assert fused.dendrites == 2 and fused.cascaded and fused.activation == activation
+    conv = fused.conv
+    assert conv.groups == groups and conv.padding == (1, 1) and conv.kernel_size == (3, 3)
+    # documented layout: per group, the wrapped layer's O/g channels of that group, then each set's
+    per = 6 // groups
+    blocks = [src[g * per : (g + 1) * per] for g in range(groups) for src in (t["w"], *t["dw"])]
+    np.testing.assert_array_equal(conv.weight.detach().numpy(), np.concatenate(blocks))
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        np.testing.assert_allclose(exported(xt).numpy(), expected, rtol=1e-10, atol=1e-12)  # in place
+    np.testing.assert_allclose(exported(xt).detach().numpy(), expected, rtol=1e-10, atol=1e-12)  # functional
+    np.testing.assert_allclose(exported(xt[0]).detach().numpy(), expected[0], rtol=1e-10, atol=1e-12)  # unbatched

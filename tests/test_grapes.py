@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -59,8 +61,11 @@ def _grads(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, torc
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def np_mlp_grads(ws, bs, x, t, mode, clip=(1.0, 2.0), modulated=(0, 1)):
-    """Hand-written forward/backward of Linear-tanh-Linear-tanh-Linear with GRAPES."""
+def np_mlp_backward(ws, bs, x, t, mode, factors):
+    """Hand-written forward/backward of Linear-tanh-Linear-tanh-Linear with GRAPES.
+
+    ``factors`` maps a layer index (0, 1, 2) to its per-neuron F; a layer not in it is unmodulated.
+    Returns the weight and bias gradients and the gradient of the input."""
     h = [x]
     for i in range(3):
         z = h[-1] @ ws[i].T + bs[i]
@@ -68,14 +73,20 @@ def np_mlp_grads(ws, bs, x, t, mode, clip=(1.0, 2.0), modulated=(0, 1)):
     delta = h[3] - t  # error at the output layer's output
     gw, gb = [None] * 3, [None] * 3
     for i in (2, 1, 0):
-        f = np_factor(ws[i], clip) if i in modulated else np.ones(ws[i].shape[0])
+        f = factors.get(i, np.ones(ws[i].shape[0]))
         if mode == "propagate":
             delta = delta * f
             gw[i], gb[i] = delta.T @ h[i], delta.sum(0)
         else:
             gw[i], gb[i] = f[:, None] * (delta.T @ h[i]), f * delta.sum(0)
+        delta = delta @ ws[i]
         if i:
-            delta = (delta @ ws[i]) * (1 - h[i] ** 2)
+            delta = delta * (1 - h[i] ** 2)
+    return gw, gb, delta
+
+
+def np_mlp_grads(ws, bs, x, t, mode, clip=(1.0, 2.0), modulated=(0, 1)):
+    gw, gb, _ = np_mlp_backward(ws, bs, x, t, mode, {i: np_factor(ws[i], clip) for i in modulated})
     return gw, gb
 
 
@@ -195,20 +206,36 @@ def test_cnn_matches_numpy(mode):
     np.testing.assert_allclose(_np(x.grad), ref_x, rtol=1e-10, atol=1e-12)  # scaled only if propagate
 
 
+@pytest.mark.parametrize("clip", [(1.0, 2.0), (0.5, 1.3)])
+@pytest.mark.parametrize("mode", ["propagate", "local"])
 @pytest.mark.parametrize("conv_type", [nn.Conv1d, nn.Conv3d])
-def test_conv1d_conv3d_scale_per_channel(conv_type):
-    conv = conv_type(2, 3, 2)
-    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2))
-    _spread_rows(conv, torch.Generator().manual_seed(6))
-    x = torch.randn(2, 2, *([3] * (conv.weight.dim() - 2)))
-    t = torch.randn(2, 2)
-    plain = _grads(model, x, t)
-    with grapes(model) as handle:
+def test_conv1d_conv3d_scale_per_channel(conv_type, mode, clip):
+    gen = torch.Generator().manual_seed(6)
+    conv = conv_type(2, 3, 2).double()
+    spatial = conv.weight.dim() - 2
+    _spread_rows(conv, gen)
+    head = nn.Linear(3 * 2**spatial, 2).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), head)
+    x = torch.randn(2, 2, *([3] * spatial), generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+    with grapes(model, mode=mode, clip=clip):
         got = _grads(model, x, t)
-        f = handle.factors()["0"]
-    per_channel = f.view(-1, *([1] * (conv.weight.dim() - 1)))
-    _close(got["0.weight"], plain["0.weight"] * per_channel)
-    _close(got["0.bias"], plain["0.bias"] * f)
+    # the same network in torch.nn.functional on copies of the tensors, its error at the conv output
+    # scaled by a factor computed in numpy (or, in local mode, its own gradients scaled afterwards)
+    f = torch.from_numpy(np_factor(_np(conv.weight), clip))
+    assert f.max() == clip[1] and not torch.all(f == clip[1])
+    w, b, wh, bh, xr = (v.detach().clone().requires_grad_() for v in (conv.weight, conv.bias, head.weight,
+                                                                     head.bias, x))
+    z = getattr(torch.nn.functional, f"conv{spatial}d")(xr, w, b)
+    loss = _loss(torch.nn.functional.linear(torch.tanh(z).flatten(1), wh, bh), t)
+    d_z, gwh, gbh = torch.autograd.grad(loss, (z, wh, bh), retain_graph=True)
+    per_channel = f.view(1, -1, *([1] * spatial))
+    gx, gw, gb = torch.autograd.grad(z, (xr, w, b), d_z * per_channel if mode == "propagate" else d_z)
+    if mode == "local":
+        gw, gb = gw * f.view(-1, *([1] * (spatial + 1))), gb * f
+    for name, ref in {"0.weight": gw, "0.bias": gb, "3.weight": gwh, "3.bias": gbh}.items():
+        np.testing.assert_allclose(_np(got[name]), _np(ref), rtol=1e-10, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(_np(x.grad), _np(gx), rtol=1e-10, atol=1e-12)  # scaled only if propagate
 
 
 # ---------------------------------------------------------------------------------- factors
@@ -233,6 +260,149 @@ def test_zero_weights_give_uniform_factors():
     assert torch.equal(grapes_factors(torch.zeros(3, 4), None), torch.full((3,), 2.0))
 
 
+# ---------------------------------------------------------------------------------- clip bounds
+#: row importances I_n = sum |W[n, ...]| set by hand, and F = 2 I / max I written out
+ROW_IMPORTANCE = {
+    "0": [1.0, 0.7, 0.55, 0.3, 0.1],  # Linear(4, 5)
+    "2": [0.9, 1.0, 0.2, 0.5, 0.62, 0.05],  # Linear(5, 6)
+    "4": [1.0, 0.6, 0.2],  # Linear(6, 3)
+    "conv": [0.4, 1.0, 0.75],  # Conv2d(2, 3, 2)
+}
+RAW = {"0": [2.0, 1.4, 1.1, 0.6, 0.2], "2": [1.8, 2.0, 0.4, 1.0, 1.24, 0.1], "4": [2.0, 1.2, 0.4],
+       "conv": [0.8, 2.0, 1.5]}
+CLIPS = [(0.5, 1.3), (1.0, 1.5), None, (1.0, 2.0)]
+HAND_FACTORS = {  # RAW clipped by hand
+    (0.5, 1.3): {"0": [1.3, 1.3, 1.1, 0.6, 0.5], "2": [1.3, 1.3, 0.5, 1.0, 1.24, 0.5], "4": [1.3, 1.2, 0.5],
+                 "conv": [0.8, 1.3, 1.3]},
+    (1.0, 1.5): {"0": [1.5, 1.4, 1.1, 1.0, 1.0], "2": [1.5, 1.5, 1.0, 1.0, 1.24, 1.0], "4": [1.5, 1.2, 1.0],
+                 "conv": [1.0, 1.5, 1.5]},
+    None: RAW,
+    (1.0, 2.0): {"0": [2.0, 1.4, 1.1, 1.0, 1.0], "2": [1.8, 2.0, 1.0, 1.0, 1.24, 1.0], "4": [2.0, 1.2, 1.0],
+                 "conv": [1.0, 2.0, 1.5]},
+}
+
+
+def _set_row_importance(module: nn.Module, importance: list[float], gen: torch.Generator) -> None:
+    """Random signs and shapes, each row rescaled so that its sum of |w| is ``importance[n]``."""
+    with torch.no_grad():
+        w = torch.randn(module.weight.shape, generator=gen, dtype=torch.float64)
+        w /= w.abs().flatten(1).sum(1).view(-1, *([1] * (w.dim() - 1)))
+        module.weight.copy_(w * torch.tensor(importance, dtype=torch.float64).view(-1, *([1] * (w.dim() - 1))))
+
+
+def _designed_mlp() -> nn.Sequential:
+    model = _mlp()
+    gen = torch.Generator().manual_seed(11)
+    for i in (0, 2, 4):
+        _set_row_importance(model[i], ROW_IMPORTANCE[str(i)], gen)
+    return model
+
+
+def _designed_conv() -> nn.Conv2d:
+    conv = nn.Conv2d(2, 3, 2).double()
+    _set_row_importance(conv, ROW_IMPORTANCE["conv"], torch.Generator().manual_seed(12))
+    return conv
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_factors_under_clip_bounds_match_hand_values(clip):
+    model, conv = _designed_mlp(), _designed_conv()
+    layers = {"0": model[0], "2": model[2], "4": model[4], "conv": conv}
+    for name, layer in layers.items():
+        w = _np(layer.weight)
+        np.testing.assert_allclose(np.abs(w).reshape(w.shape[0], -1).sum(1), ROW_IMPORTANCE[name], rtol=1e-12)
+        got = _np(grapes_factors(layer.weight, clip))
+        np.testing.assert_allclose(got, HAND_FACTORS[clip][name], rtol=1e-12, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got, np_factor(w, clip), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(_np(grapes_factors(layer.weight.float(), clip)), HAND_FACTORS[clip][name],
+                                   rtol=1e-6, err_msg=name)
+    if clip is not None:  # the hand values hit both bounds and the inside, so both bounds matter
+        values = np.concatenate([HAND_FACTORS[clip][n] for n in layers])
+        assert values.max() == clip[1] and values.min() == clip[0]
+        assert np.any((values > clip[0]) & (values < clip[1]))
+
+
+def test_clip_with_infinite_upper_bound_keeps_the_top():
+    conv = _designed_conv()
+    np.testing.assert_allclose(_np(grapes_factors(conv.weight, (0.9, float("inf")))), [0.9, 2.0, 1.5], rtol=1e-12)
+
+
+@pytest.mark.parametrize("modulated", [("0", "2"), ("0", "2", "4")])
+@pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_mlp_gradients_under_clip_bounds(mode, clip, modulated):
+    """Every parameter's gradient and the input's against numpy, with the hand-clipped factors."""
+    model = _designed_mlp()
+    x, t = _mlp_data()
+    x.requires_grad_(True)
+    handle = grapes(model, mode=mode, clip=clip, exclude=() if "4" in modulated else ("output layer",))
+    assert handle.layers == list(modulated)
+    got = _grads(model, x, t)
+    ws, bs = [_np(model[i].weight) for i in (0, 2, 4)], [_np(model[i].bias) for i in (0, 2, 4)]
+    factors = {int(n) // 2: np.array(HAND_FACTORS[clip][n]) for n in modulated}
+    gw, gb, gx = np_mlp_backward(ws, bs, _np(x), _np(t), mode, factors)
+    for k, i in enumerate((0, 2, 4)):
+        np.testing.assert_allclose(_np(got[f"{i}.weight"]), gw[k], rtol=1e-10, atol=1e-12, err_msg=f"{i}.weight")
+        np.testing.assert_allclose(_np(got[f"{i}.bias"]), gb[k], rtol=1e-10, atol=1e-12, err_msg=f"{i}.bias")
+    np.testing.assert_allclose(_np(x.grad), gx, rtol=1e-10, atol=1e-12)
+    for name, f in handle.factors().items():  # the factors the backward used
+        np.testing.assert_allclose(_np(f), HAND_FACTORS[clip][name], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_cnn_gradients_under_clip_bounds(mode, clip):
+    model = _cnn()
+    _set_row_importance(model[0], ROW_IMPORTANCE["conv"], torch.Generator().manual_seed(13))
+    np.testing.assert_allclose(np_factor(_np(model[0].weight), clip), HAND_FACTORS[clip]["conv"], rtol=1e-12)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    with grapes(model, mode=mode, clip=clip):
+        got = _grads(model, x, t)
+    ref, ref_x = np_cnn(_np(model[0].weight), _np(model[0].bias), _np(model[3].weight), _np(model[3].bias),
+                        _np(x), _np(t), mode, clip)
+    _check(got, ref)
+    np.testing.assert_allclose(_np(x.grad), ref_x, rtol=1e-10, atol=1e-12)
+
+
+def test_propagate_compounds_factors_towards_the_input_by_hand():
+    """y = W3 W2 W1 x with diagonal weights and loss sum(y): every number below is worked out by hand.
+
+    W1 = diag(2, 1), W2 = diag(0.5, 1), W3 = diag(1, 0.75) give F1 = (2, 1), F2 = (1, 2), F3 = (2, 1.5)
+    (all inside the default clip). Plain errors: d3 = (1, 1), d2 = (1, 0.75), d1 = (0.5, 0.75).
+    Propagate: d3 = F3 = (2, 1.5), d2 = (d3 W3) F2 = (2, 2.25), d1 = (d2 W2) F1 = (2, 2.25): the first
+    layer's error carries F1 F2 F3 = (4, 3) times the plain one. Local: each layer's gradient times its
+    own F only; the input gradient stays plain."""
+    def make() -> nn.Sequential:
+        model = nn.Sequential(*(nn.Linear(2, 2, bias=False) for _ in range(3))).double()
+        with torch.no_grad():
+            for layer, diag in zip(model, ([2.0, 1.0], [0.5, 1.0], [1.0, 0.75]), strict=True):
+                layer.weight.copy_(torch.diag(torch.tensor(diag, dtype=torch.float64)))
+        return model
+
+    ones = [1.0, 1.0]
+    expected = {  # h0 = x = (1, 1), h1 = W1 x = (2, 1), h2 = W2 h1 = (1, 1); grad W = outer(d, h)
+        None: ({"0.weight": [[0.5, 0.5], [0.75, 0.75]], "1.weight": [[2.0, 1.0], [1.5, 0.75]],
+                "2.weight": [ones, ones]}, [1.0, 0.75]),
+        "propagate": ({"0.weight": [[2.0, 2.0], [2.25, 2.25]], "1.weight": [[4.0, 2.0], [4.5, 2.25]],
+                       "2.weight": [[2.0, 2.0], [1.5, 1.5]]}, [4.0, 2.25]),
+        "local": ({"0.weight": [[1.0, 1.0], [0.75, 0.75]], "1.weight": [[2.0, 1.0], [3.0, 1.5]],
+                   "2.weight": [[2.0, 2.0], [1.5, 1.5]]}, [1.0, 0.75]),
+    }
+    for mode, (grads, grad_x) in expected.items():
+        model = make()
+        handle = grapes(model, mode=mode, exclude=()) if mode else None
+        x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+        model(x).sum().backward()
+        for name, p in model.named_parameters():
+            np.testing.assert_allclose(_np(p.grad), grads[name], rtol=1e-12, err_msg=f"{mode} {name}")
+        np.testing.assert_allclose(_np(x.grad), [grad_x], rtol=1e-12, err_msg=str(mode))
+        if handle is not None:
+            assert [_np(f).tolist() for f in handle.factors().values()] == [[2.0, 1.0], [1.0, 2.0], [2.0, 1.5]]
+            handle.remove()
+
+
 # ---------------------------------------------------------------------------------- switches
 @pytest.mark.parametrize("mode", ["propagate", "local"])
 def test_remove_restores_plain_gradients_exactly(mode):
@@ -252,6 +422,60 @@ def test_remove_restores_plain_gradients_exactly(mode):
     assert all(not m._forward_hooks for m in model.modules())
     assert all(not p._backward_hooks for p in model.parameters())
     grapes(model, mode=mode).remove()  # attachable again once removed
+
+
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_remove_gives_the_gradients_of_a_model_that_never_had_grapes(mode):
+    model = _designed_mlp()
+    twin = copy.deepcopy(model)  # never sees a handle
+    x, t = _mlp_data()
+    handle = grapes(model, mode=mode, clip=(0.5, 1.3), exclude=())
+    ws, bs = [_np(model[i].weight) for i in (0, 2, 4)], [_np(model[i].bias) for i in (0, 2, 4)]
+    factors = {k: np.array(HAND_FACTORS[(0.5, 1.3)][str(2 * k)]) for k in range(3)}
+    gw, _, _ = np_mlp_backward(ws, bs, _np(x), _np(t), mode, factors)
+    for _ in range(2):  # modulated twice, so that every hook has fired and every memo is set
+        np.testing.assert_allclose(_np(_grads(model, x, t)["0.weight"]), gw[0], rtol=1e-10)
+    handle.remove()
+    assert handle.removed
+    xm, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, ref = _grads(model, xm, t), _grads(twin, xt, t)
+    assert got.keys() == ref.keys() == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    assert torch.equal(xm.grad, xt.grad)
+    gw, gb, gx = np_mlp_backward(ws, bs, _np(x), _np(t), mode, {})  # the plain gradients, in numpy
+    for k, i in enumerate((0, 2, 4)):
+        np.testing.assert_allclose(_np(got[f"{i}.weight"]), gw[k], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_np(got[f"{i}.bias"]), gb[k], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(_np(xm.grad), gx, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_remove_on_a_perforated_model_with_dendrites(mode):
+    """Local mode hooks the dendrite tensors too; after remove() none of them is scaled, also for a set
+    installed after the removal."""
+    model = _mlp()
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    for i in (0, 2, 4):
+        model[i].install_random(1.0, torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            model[i].dendrite_out.normal_(generator=torch.Generator().manual_seed(10 + i))
+    twin = copy.deepcopy(model)
+    x, t = _mlp_data()
+    plain = _grads(twin, x, t)
+    handle = grapes(model, mode=mode, exclude=())
+    modulated = _grads(model, x, t)
+    f = np_factor(_np(model[4].base.weight))  # the top layer: the same scaling in both modes
+    np.testing.assert_allclose(_np(modulated["4.dendrite_out"]), _np(plain["4.dendrite_out"]) * f, rtol=1e-10)
+    handle.remove()
+    got = _grads(model, x, t)
+    assert got.keys() == plain.keys() and all(torch.equal(got[n], plain[n]) for n in plain)
+    for m in (model, twin):
+        m[0].install_random(1.0, torch.Generator().manual_seed(20))
+        with torch.no_grad():
+            m[0].dendrite_out.fill_(0.5)
+    got, ref = _grads(model, x, t), _grads(twin, x, t)
+    assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref)
+    assert all(not p._backward_hooks for p in model.parameters())
 
 
 def test_pause_and_enabled():
@@ -319,11 +543,14 @@ def test_perforated_with_dendrites_scales_base_and_v(mode):
     factors = handle.factors()
     checked = ("2",) if mode == "propagate" else ("0", "2")  # propagate compounds below "2"
     for name in checked:
-        f = factors[name]
-        np.testing.assert_allclose(_np(f), np_factor(_np(model.get_submodule(name).base.weight)))  # v ignored
-        _close(got[f"{name}.base.weight"], plain[f"{name}.base.weight"] * f[:, None])
-        _close(got[f"{name}.base.bias"], plain[f"{name}.base.bias"] * f)
-        _close(got[f"{name}.dendrite_out"], plain[f"{name}.dendrite_out"] * f)
+        f = np_factor(_np(model.get_submodule(name).base.weight))  # from the base weight only: v ignored
+        np.testing.assert_allclose(_np(factors[name]), f)
+        np.testing.assert_allclose(_np(got[f"{name}.base.weight"]), _np(plain[f"{name}.base.weight"]) * f[:, None],
+                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_np(got[f"{name}.base.bias"]), _np(plain[f"{name}.base.bias"]) * f,
+                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_np(got[f"{name}.dendrite_out"]), _np(plain[f"{name}.dendrite_out"]) * f,
+                                   rtol=1e-10, atol=1e-12)
     assert torch.equal(got["4.dendrite_out"], plain["4.dendrite_out"])
 
 
@@ -379,12 +606,39 @@ def test_dendrite_phase_is_model_wide():
 
 
 def test_parametrized_weight():
-    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 1))
+    """weight_norm: F comes from the effective weight g v / |v|, and the modulated error reaches g and v
+    through the parametrisation (all checked against numpy)."""
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                          nn.Linear(4, 1)).double()
     with pytest.raises(ValueError, match="propagate"):
         grapes(model, mode="local")
-    x, t = torch.randn(5, 3), torch.randn(5, 1)
-    plain = _grads(model, x, t)
+    par = model[0].parametrizations.weight
+    with torch.no_grad():
+        par.original0.copy_(torch.tensor([[1.5], [-0.4], [1.0], [0.2]], dtype=torch.float64))  # g: one per row
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    t = torch.randn(5, 1, generator=gen, dtype=torch.float64)
+    g, v, b = _np(par.original0), _np(par.original1), _np(model[0].bias)
+    wo, bo = _np(model[2].weight), _np(model[2].bias)
+    norm = np.sqrt((v**2).sum(1, keepdims=True))
+    w = g * v / norm  # the effective weight
+    f = np_factor(w)
+    assert not np.allclose(f, np_factor(v)) and len(np.unique(np.round(f, 6))) > 1
     with grapes(model) as handle:
         got = _grads(model, x, t)
-        assert handle.factors()["0"].shape == (4,)
-    assert not torch.allclose(got["0.bias"], plain["0.bias"])
+        np.testing.assert_allclose(_np(handle.factors()["0"]), f, rtol=1e-12)
+    h = np.tanh(_np(x) @ w.T + b)
+    d_y = h @ wo.T + bo - _np(t)
+    d_z = (d_y @ wo) * (1 - h**2) * f
+    gw = d_z.T @ _np(x)
+    u = v / norm
+    gg = (gw * u).sum(1, keepdims=True)
+    expected = {
+        "0.bias": d_z.sum(0),
+        "0.parametrizations.weight.original0": gg,
+        "0.parametrizations.weight.original1": g / norm * (gw - gg * u),
+        "2.weight": d_y.T @ h,
+        "2.bias": d_y.sum(0),
+    }
+    assert got.keys() == expected.keys()
+    _check(got, expected)

@@ -168,14 +168,51 @@ def test_remove_last_restores_previous_structure():
     assert torch.allclose(model(x), before)
 
 
+def _conv_net_pass(device):
+    """A perforated conv + linear net with two installed sets (cascade) and two candidates per layer, built
+    on the CPU from fixed seeds and moved to ``device``: its dendrite-phase output, gradients and
+    statistics, its neuron-phase gradients and its eval output, all on the CPU."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    apical.perforate(model, apical.DendriteConfig())
+    g = torch.Generator().manual_seed(1)
+    layers = [layer for _, layer in apical.dendritic_layers(model)]
+    for layer in layers:
+        layer.install_random(1.0, g)
+        layer.install_random(1.0, g)
+        layer.add_candidates(2, 1.0, g)
+        with torch.no_grad():
+            for p in (layer.dendrite_out, layer.dendrite_cascade, layer.candidate_cascade):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        layer.set_training_mode("dendrite", True)
+    model.to(device)
+    x = torch.randn(4, 3, 8, 8, generator=g).to(device)
+    out = model(x)
+    out.pow(2).sum().backward()
+    assert all(layer.candidate_weight.grad.device.type == torch.device(device).type for layer in layers)
+    res = {"out": out.detach().cpu()}
+    res.update({f"grad {n}": p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None})
+    for i, layer in enumerate(layers):
+        res.update({f"stats {i} {k}": v.cpu() for k, v in layer.stats.moments().items()})
+        layer.drop_candidates()
+        layer.set_training_mode("neuron", True)
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    res.update({f"neuron grad {n}": p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None})
+    model.eval()
+    with torch.no_grad():
+        res["eval"] = model(x).cpu()
+    return res
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_forward_backward():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).cuda()
-    cfg = apical.DendriteConfig()
-    apical.perforate(model, cfg)
-    for _, layer in apical.dendritic_layers(model):
-        layer.install_random(1.0)
-        layer.add_candidates(2, 1.0)
-        layer.set_training_mode("dendrite", True)
-    model(torch.randn(4, 3, 8, 8, device="cuda")).sum().backward()
-    assert model[0].candidate_weight.grad.is_cuda
+    """Forward, gradients (both phases) and correlation statistics on CUDA equal the CPU's."""
+    want = _conv_net_pass("cpu")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # full float32 convolutions
+        got = _conv_net_pass("cuda")
+    assert got.keys() == want.keys()
+    assert {"grad 0.candidate_weight", "grad 3.candidate_weight", "neuron grad 0.dendrite_out"} <= set(got)
+    for k, ref in want.items():
+        # a tolerance above TF32's rounding, far below what a wrong term or index would give
+        torch.testing.assert_close(got[k], ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()), msg=k)

@@ -102,13 +102,61 @@ def test_counts_and_structure_replay():
     assert torch.equal(fresh(x), net(x))
 
 
+def _dendritic_linear(layer, h):
+    """z = W h + b + sum_k v_k * sigmoid(D_k h + b_k) (one cascade-free set), by hand."""
+    z = h @ layer.base.weight.T + layer.base.bias
+    for k in range(layer.num_dendrites):
+        z = z + layer.dendrite_out[k] * torch.sigmoid(h @ layer.dendrite_weight[k].T + layer.dendrite_bias[k])
+    return z
+
+
 def test_batchnorm_dropout_train_and_eval_modes():
+    """Train and eval semantics of a perforated net with BatchNorm and Dropout, against a hand-built forward:
+    train uses batch statistics, updates the running ones and drops units; eval uses the running statistics,
+    changes nothing and drops nothing."""
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
     apical.perforate(net)
     for _, layer in apical.dendritic_layers(net):
         layer.install_random(1.0)
-    x = torch.randn(10, 4)
+        with torch.no_grad():
+            layer.dendrite_out.normal_()
+    bn = net[1]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    x = torch.randn(10, 4) * 2 + 1
+
+    def reference(train, mask=None):
+        with torch.no_grad():
+            z = _dendritic_linear(net[0], x)
+            if train:
+                mean, var = z.mean(0), z.var(0, unbiased=False)
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            h = torch.relu((z - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias)
+            if mask is not None:
+                h = h * mask / 0.5
+            return _dendritic_linear(net[4], h), z
+
     net.train()
-    net(x).sum().backward()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    torch.manual_seed(1)
+    out = net(x)
+    torch.manual_seed(1)  # the same draw as the Dropout's: its mask, taken by hand
+    mask = (torch.nn.functional.dropout(torch.ones(10, 6), 0.5, training=True) > 0).float()
+    assert 0 < mask.sum() < mask.numel()  # units are dropped, not all
+    want, z = reference(True, mask)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_mean, 0.9 * rm + 0.1 * z.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, 0.9 * rv + 0.1 * z.var(0, unbiased=True), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert net[0].dendrite_out.grad is not None and net[0].dendrite_out.grad.abs().sum() > 0
+
     net.eval()
-    assert torch.equal(net(x), net(x))
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    first = net(x)
+    want, _ = reference(False)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(net(x), first)  # no dropout in eval
+    assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)  # no update in eval
