@@ -405,3 +405,42 @@ def test_installed_candidate_is_the_best_of_the_best_correlation_epoch(output_in
         assert (np.abs(ref["cov"][best, cols]) > 0).all()
         want_v = torch.tensor(-sign * output_init, dtype=torch.float32)
         torch.testing.assert_close(layer.dendrite_out[1].detach(), want_v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode, scores, expected, weights_of", [
+    # mid neuron phase, before any plateau: the best epoch's weights, its score
+    ("pb", [1, 2, 1.5], (False, "neuron", 0, 3, "finish,done", 2.0, 2.0), 2),
+    # mid dendrite phase: the candidates go (restructured); the accepted network and its score stay
+    ("pb", [1, 2, 2, 2, 0], (True, "neuron", 0, 5, "finish,done", 2.0, None), 2),
+    # a trial set that beats the accepted network: kept, nothing to rebuild
+    ("pb", [1, 2, 2, 2, 0, 0, 3, 2.9], (False, "neuron", 1, 8, "finish,kept,done", 3.0, 3.0), 7),
+    # a trial set that does not: reverted (restructured), back to the accepted network and its score
+    ("gd", [1, 2, 2, 2, 1.5, 1.8], (True, "neuron", 0, 6, "finish,reverted,done", 2.0, 2.0), 2),
+    # minimising: the lowest score is the best
+    ("none", [3, 1, 2], (False, "neuron", 0, 3, "finish,done", 1.0, 1.0), 2),
+])
+def test_finish_returns_the_step_a_script_predicts(mode, scores, expected, weights_of):
+    """Every field of the Step that finish() returns, and the weights it leaves, for scripted runs."""
+    model, ctl = _setup(mode, maximize=mode != "none")
+    _, states = _run(model, ctl, scores)
+    step = ctl.finish()
+    restructured, phase, dendrites, epoch, event, score, best = expected
+    assert (step.restructured, step.done, step.phase, step.dendrites, step.epoch, step.event) == (
+        restructured, True, phase, dendrites, epoch, event)
+    assert step.score == score and step.best_score == best
+    assert ctl.phase == "neuron" and ctl.dendrites == dendrites and ctl.done
+    assert all(layer.num_candidates == 0 for _, layer in ctl.layers)
+    for k, v in states[weights_of - 1].items():
+        if "candidate_" not in k:
+            assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(RuntimeError, match="training is already done"):
+        ctl.finish()
+
+
+def test_finish_before_any_epoch_scores_nan():
+    model, ctl = _setup("pb")
+    before = copy.deepcopy(model.state_dict())
+    step = ctl.finish()
+    assert step.done and not step.restructured and step.event == "finish,done" and step.epoch == 0
+    assert np.isnan(step.score) and step.best_score is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

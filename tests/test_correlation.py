@@ -1,5 +1,8 @@
 """The dendrite phase's statistics and gradient, against references computed another way."""
 
+import copy
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +202,128 @@ def test_candidates_leave_the_error_of_lower_layers_unchanged(widths):
         cov = ((a - a.mean(0)) * (d - d.mean(0))[:, None]).mean(0)
         got = layer.stats.moments()["cov"].numpy()
         np.testing.assert_allclose(got, cov, rtol=1e-4, atol=1e-5 * np.abs(cov).max(), err_msg=f"layer {i}")
+
+
+# ---------------------------------------------------------------------------------- two ranks, in one process
+class _TwoRanks:
+    """Two threads standing in for two ranks: ``all_reduce_sum`` returns the sum of both threads' buffers
+    (a barrier on either side), as a gloo all-reduce would, without processes."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(2, timeout=30)
+        self.bufs = [None, None]
+        self.local = threading.local()
+        self.calls = [0, 0]
+
+    def all_reduce_sum(self, buf):
+        r = self.local.rank
+        self.calls[r] += 1
+        self.bufs[r] = buf.clone()
+        self.barrier.wait()
+        total = self.bufs[0] + self.bufs[1]
+        self.barrier.wait()
+        buf.copy_(total)
+        return buf
+
+    def run(self, fn):
+        """Run ``fn(rank)`` on two threads; re-raise the first failure."""
+        errors = []
+
+        def target(r):
+            self.local.rank = r
+            try:
+                fn(r)
+            except BaseException as err:  # pragma: no cover - reported below
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
+@pytest.mark.parametrize("normaliser, centring", [("error", "batch"), ("pearson", "batch"), ("error", "epoch")])
+@pytest.mark.parametrize(
+    "make, shape",
+    [(lambda: nn.Linear(6, 5), (10, 6)), (lambda: nn.Conv2d(3, 4, 3, padding=1), (6, 3, 4, 4))],
+    ids=["linear", "conv2d"],
+)
+def test_two_ranks_gather_the_statistics_and_gradient_of_the_global_batch(make, shape, normaliser, centring,
+                                                                          monkeypatch):
+    """Two ranks, each with half of every batch, hold the statistics of the global batches (numpy over both
+    ranks' captured outputs and errors); their candidate gradients, averaged as DDP averages them, equal one
+    process's gradient on the global batch."""
+    from apical.dendrites import _dist
+
+    torch.manual_seed(5)
+    model, layer = _setup(make())
+    model(torch.randn(*shape))  # materialise the lazy head
+    layer.stats.reset()
+    layer.normaliser, layer.centring = normaliser, centring
+    batches = [torch.randn(*shape) * (1 + i) + i for i in range(3)]
+    target = torch.randn(2)
+    half = shape[0] // 2
+    split = [slice(0, half), slice(half, None)]
+    single = copy.deepcopy(model)
+    ranks = [copy.deepcopy(model) for _ in range(2)]
+
+    # one process on the global batches (world size 1); the candidates' gradient after each batch
+    single_grads = []
+    for x in batches:
+        single[0].candidate_weight.grad = None
+        out = single(x)
+        nn.functional.mse_loss(out, target.expand_as(out)).backward()
+        single_grads.append(single[0].candidate_weight.grad.clone())
+
+    fake = _TwoRanks()
+    monkeypatch.setattr(_dist, "world_size", lambda: 2)
+    monkeypatch.setattr(_dist, "all_reduce_sum", fake.all_reduce_sum)
+    captured = [None, None]
+    rank_grads = [[], []]
+
+    def rank_epoch(r):
+        net = ranks[r]
+        parts = [x[split[r]] for x in batches]
+        acts, deltas = [], []
+        for x in parts:  # as _capture, keeping each batch's candidate gradient
+            net[0].candidate_weight.grad = None
+            a, d = _capture(net, net[0], [x], lambda out: target.expand_as(out))
+            acts += a
+            deltas += d
+            rank_grads[r].append(net[0].candidate_weight.grad.clone())
+        captured[r] = (acts, deltas)
+
+    fake.run(rank_epoch)
+    assert fake.calls == [3, 3]  # one all-reduce per batch and layer
+
+    acts = [torch.cat([captured[0][0][i], captured[1][0][i]]) for i in range(3)]
+    deltas = [torch.cat([captured[0][1][i], captured[1][1][i]]) for i in range(3)]
+    cov, score_err, score_pearson = _numpy_reference(acts, deltas, layer)
+    n_obs = sum(d.numel() // layer.out_channels for d in deltas)
+    for net in ranks:
+        stats = net[0].stats
+        assert stats.n == n_obs
+        scale = np.abs(cov).max()
+        np.testing.assert_allclose(stats.moments()["cov"].numpy(), cov, rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(stats.scores("error").numpy(), score_err, rtol=1e-5,
+                                   atol=1e-6 * np.abs(score_err).max())
+        np.testing.assert_allclose(stats.scores("pearson").numpy(), score_pearson, rtol=1e-5,
+                                   atol=1e-6 * np.abs(score_pearson).max())
+        a_all = np.concatenate([np.moveaxis(t.double().numpy(), (layer.set_axis % t.dim(), layer.set_axis % t.dim()
+                                                                  + 1), (-2, -1)).reshape(-1, *t.shape[1:3]
+                                                                  if t.dim() > 3 else t.shape[-2:])
+                                for t in acts])
+        np.testing.assert_allclose(stats.moments()["mean_a"].numpy(), a_all.mean(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stats.moments()["var_a"].numpy(), a_all.var(0), rtol=1e-4, atol=1e-8)
+    assert torch.equal(ranks[0][0].stats.flat(), ranks[1][0].stats.flat())  # identical on both ranks
+
+    # each rank's error is twice the global loss's (its loss is a mean over half the rows); the objective
+    # does not depend on the error's scale, and DDP averages the ranks' gradients
+    for i in range(3):
+        assert rank_grads[0][i].abs().sum() > 0
+        avg = (rank_grads[0][i] + rank_grads[1][i]) / 2
+        torch.testing.assert_close(avg, single_grads[i], rtol=2e-4, atol=1e-6 * single_grads[i].abs().max())

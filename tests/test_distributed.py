@@ -222,3 +222,50 @@ def test_apical_group_is_released_with_the_default_group(tmp_path):
         dist.destroy_process_group()
     gc.collect()
     assert mine() is None and len(_dist._groups) == 0
+
+
+def test_collectives_on_one_rank_and_the_nccl_device_rule(one_rank_group, monkeypatch):
+    """all_reduce_sum and all_gather on a one-rank gloo group; a tensor that the backend cannot take (NCCL
+    wants the current GPU) travels through a copy and comes back in place."""
+    buf = torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64)
+    out = _dist.all_reduce_sum(buf)
+    assert out is buf and torch.equal(buf, torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64))
+    rows = _dist.all_gather(torch.tensor([4.0, 5.0], dtype=torch.float64))
+    assert rows.shape == (1, 2) and torch.equal(rows[0], torch.tensor([4.0, 5.0], dtype=torch.float64))
+    assert _dist._device(buf) == buf.device  # gloo: the tensor stays where it is
+
+    # NCCL: the collective runs on the current GPU. No GPU here: record where the tensors go instead.
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _dist._device(buf) == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")  # a mixed backend
+    assert _dist._device(buf) == buf.device
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    moved = []
+    monkeypatch.setattr(_dist, "_device", lambda t: torch.device("meta"))
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        moved.append(args[0] if args else kwargs.get("device"))
+        return real_to(self, "cpu") if args and args[0] == torch.device("meta") else real_to(self, *args, **kwargs)
+
+    def fake_all_reduce(t, group=None):
+        t.mul_(2)  # stands in for the sum over ranks
+
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    buf = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    out = _dist.all_reduce_sum(buf)
+    assert out is buf and torch.equal(buf, torch.tensor([2.0, 4.0], dtype=torch.float64))  # copied back
+    assert moved == [torch.device("meta")]
+
+
+def test_set_enabled_is_what_world_size_reads(one_rank_group, monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    _dist.set_enabled(False)
+    try:
+        assert _dist.world_size() == 1
+        _dist.set_enabled(1)  # any truthy value turns it back on
+        assert _dist.world_size() == 3 and _dist._state["enabled"] is True
+    finally:
+        _dist.set_enabled(True)

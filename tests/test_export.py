@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import apical
 from apical.dendrites.layer import DendriticLayer
@@ -292,6 +293,9 @@ def _set_dendrites(layer: DendriticLayer, seed: int) -> dict[str, np.ndarray]:
     }
     targets = {"w": layer.base.weight, "b": layer.base.bias, "dw": layer.dendrite_weight, "db": layer.dendrite_bias,
                "v": layer.dendrite_out, "u": layer.dendrite_cascade}
+    if layer.base.bias is None:  # a wrapped layer without bias adds zero
+        del targets["b"]
+        vals["b"] = np.zeros(o)
     with torch.no_grad():
         for key, tensor in targets.items():
             assert tensor.shape == vals[key].shape, key
@@ -366,3 +370,134 @@ def test_fused_conv2d_matches_numpy(groups, activation):
         np.testing.assert_allclose(exported(xt).numpy(), expected, rtol=1e-10, atol=1e-12)  # in place
     np.testing.assert_allclose(exported(xt).detach().numpy(), expected, rtol=1e-10, atol=1e-12)  # functional
     np.testing.assert_allclose(exported(xt[0]).detach().numpy(), expected[0], rtol=1e-10, atol=1e-12)  # unbatched
+
+
+def test_fused_linear_without_bias_matches_numpy():
+    model, t = _dendritic_model(nn.Linear(5, 4, bias=False), "tanh", seed=7)
+    assert model[0].base.bias is None and not t["b"].any()
+    x = np.random.default_rng(8).normal(size=(3, 5))
+    expected = np.tanh(_np_dendritic(x, t["w"], t["b"], t["dw"], t["db"], t["v"], t["u"], "tanh",
+                                     lambda a, w, b: a @ w.T + b, lambda p: p))
+    exported = export(model)
+    bias = exported[0].linear.bias.detach().numpy()
+    np.testing.assert_array_equal(bias, np.concatenate([np.zeros(4), *t["db"]]))  # the wrapped layer's part: 0
+    with torch.no_grad():
+        np.testing.assert_allclose(exported(torch.from_numpy(x)).numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_batch_of_one_keeps_its_batch_axis():
+    model, t = _dendritic_model(nn.Conv2d(4, 6, 3, padding=1), "sigmoid", seed=9)
+    x = np.random.default_rng(10).normal(size=(1, 4, 5, 5))
+    expected = np.tanh(_np_dendritic(x, t["w"], t["b"], t["dw"], t["db"], t["v"], t["u"], "sigmoid",
+                                     lambda a, w, b: _np_conv2d(a, w, b, 1, 1), lambda p: p[None, :, None, None]))
+    assert expected.shape == (1, 6, 5, 5)
+    exported = export(model)
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        got = exported(xt)
+    assert got.shape == (1, 6, 5, 5)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    got = exported(xt)  # the functional path too
+    assert got.shape == (1, 6, 5, 5)
+
+
+def test_bad_input_messages_name_the_type():
+    with pytest.raises(TypeError, match=r"^apical\.export expects an nn\.Module, got str$"):
+        export("model")
+    with pytest.raises(TypeError, match=r"^apical\.export expects an nn\.Module, got OrderedDict$"):
+        export(nn.Linear(2, 2).state_dict())
+
+    class CustomDendrites(DendriticLayer):  # a user's own kind of dendritic layer: apical cannot fuse it
+        pass
+
+    layer = CustomDendrites(nn.Linear(3, 2))
+    layer.resize(1)
+    for model in (layer, nn.Sequential(nn.Linear(3, 3), layer)):
+        with pytest.raises(TypeError, match=r"^apical\.export: no fused form for CustomDendrites$"):
+            export(model)
+    layer.resize(0)  # without installed dendrites it is its wrapped module again
+    assert type(export(layer)) is nn.Linear
+
+
+def test_weight_norm_weight_is_exported_with_the_value_it_had():
+    """weight_norm leaves the weight it computed, g v / |v|, on the module (a non-leaf tensor after a forward
+    under autograd); the export holds a detached copy of it before its own first forward."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.utils.weight_norm(model[2])
+    apical.perforate(model, apical.DendriteConfig(include=["0"]))
+    model[0].install_random(1.0)
+    with torch.no_grad():
+        model[2].weight_g.mul_(torch.tensor([[3.0], [0.5]], dtype=torch.float64))
+    model(torch.randn(3, 4, dtype=torch.float64))  # recomputes the weight, with autograd
+    assert not model[2].weight.is_leaf
+    g, v = model[2].weight_g.detach().numpy(), model[2].weight_v.detach().numpy()
+    expected = g * v / np.sqrt((v**2).sum(1, keepdims=True))
+    exported = export(model)
+    weight = exported[2].weight
+    assert isinstance(weight, torch.Tensor) and weight.is_leaf
+    assert weight.data_ptr() != model[2].weight.data_ptr()
+    np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-12)
+
+
+class _KeepOutputs(TorchDispatchMode):
+    """Keeps every tensor an op returns (so that no buffer is freed and its address reused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.outputs += [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("dendrites", [1, 3])
+def test_eager_inference_allocates_only_the_fused_output_and_the_result(dendrites):
+    """Documented: in eager inference the cascade and activations work in place on the fused output and the
+    sum goes into one new tensor, the result: two buffers in all, and the result is its own compact tensor."""
+    torch.manual_seed(11)
+    model = _grow(nn.Sequential(nn.Linear(5, 4)), dendrites).double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    expected = model(x)
+    exported = export(model)
+    inputs = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in exported.parameters()}
+    with torch.no_grad(), _KeepOutputs() as mode:
+        got = exported(x)
+    new = {t.untyped_storage().data_ptr() for t in mode.outputs} - inputs
+    assert len(new) == 2
+    assert got.is_contiguous() and got.untyped_storage().nbytes() == got.numel() * got.element_size()
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+
+
+def test_bfloat16_is_kept():
+    torch.manual_seed(12)
+    model = _grow(nn.Sequential(nn.Linear(4, 3)), 2).to(torch.bfloat16).eval()
+    u = model[0].dendrite_cascade.detach().clone()
+    x = torch.randn(5, 4, dtype=torch.bfloat16)
+    exported = export(model)
+    assert {n: p.dtype for n, p in exported.named_parameters()} == dict.fromkeys(
+        ["0.linear.weight", "0.linear.bias", "0.dendrite_out", "0.dendrite_cascade"], torch.bfloat16)
+    cascade = exported[0].dendrite_cascade.detach()
+    assert torch.equal(cascade[1, 0], u[1, 0]) and not cascade[0].any() and not cascade[1, 1].any()  # e < k only
+    with torch.no_grad():
+        got = exported(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), model(x).double(), atol=0.05, rtol=0.02)
+
+
+def test_compiling_and_eager_inference_as_torch_compile_sees_them():
+    from apical.export import _compiling, _eager_inference
+
+    def probe(x):
+        return x + (1.0 if _compiling() else 0.0) + (2.0 if _eager_inference() else 0.0)
+
+    torch._dynamo.reset()
+    x = torch.zeros(1)
+    compiled = torch.compile(probe, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert probe(x).item() == 2.0  # plain eager inference
+        assert compiled(x).item() == 1.0  # compiling: never the in-place path
+    assert probe(x).item() == 0.0  # autograd on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -642,3 +643,284 @@ def test_parametrized_weight():
     }
     assert got.keys() == expected.keys()
     _check(got, expected)
+
+
+# ---------------------------------------------------------------------------------- error messages
+def test_error_messages_name_what_is_wrong():
+    model = _mlp()
+    cases = [
+        ({"mode": "forward"}, r"^mode must be one of \('propagate', 'local'\), got 'forward'$"),
+        ({"importance": "outgoing"}, r"^importance must be one of \('incoming',\), got 'outgoing'$"),
+        ({"clip": 2.0}, r"^clip must be None or a pair \(lo, hi\) of numbers, got 2\.0$"),
+        ({"clip": (1.0, 2.0, 3.0)}, r"^clip must be None or a pair \(lo, hi\) of numbers, got \(1\.0, 2\.0, 3\.0\)$"),
+        ({"clip": (0.0, 2.0)}, r"^clip: lo must be a finite number > 0, got 0\.0$"),
+        ({"clip": (float("inf"), float("inf"))}, r"^clip: lo must be a finite number > 0, got inf$"),
+        ({"clip": (2.0, 1.5)}, r"^clip: need lo <= hi, got \(2\.0, 1\.5\)$"),
+        ({"clip": (1.0, float("nan"))}, r"^clip: need lo <= hi, got \(1\.0, nan\)$"),
+        ({"layers": "0"}, r"^layers must be a sequence of names/regexes/types, e\.g\. \['0'\]$"),
+        ({"exclude": nn.Linear}, r"^exclude must be a sequence of names/regexes/types, e\.g\. \[<class "),
+        ({"layers": [3]}, r"^layers: 3 is neither a name, a regex nor a module type$"),
+        ({"exclude": [None]}, r"^exclude: None is neither a name, a regex nor a module type$"),
+        ({"layers": ["nope"]}, r"^layers: 'nope' matches no Linear/Conv/dendritic layer of the model; "
+                               r"its layers are \['0', '2', '4'\]$"),
+        ({"exclude": ["1"]}, r"^exclude: '1' matches no Linear/Conv/dendritic layer"),
+        ({"layers": ["2"], "exclude": ["2"]},
+         r"^nothing left to modulate after layers=\['2'\], exclude=\['2'\] \(layers: \['0', '2', '4'\]\)$"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            grapes(model, **kwargs)
+    with pytest.raises(TypeError, match=r"^grapes expects an nn\.Module, got int$"):
+        grapes(3)
+    with pytest.raises(TypeError, match=r"^grapes expects an nn\.Module, got Tensor$"):
+        grapes(torch.zeros(2, 2))
+    no_layer = r"^the model has no nn\.Linear / nn\.Conv1d/2d/3d / dendritic layer to modulate$"
+    with pytest.raises(ValueError, match=no_layer):
+        grapes(nn.Sequential(nn.Tanh(), nn.ReLU()))
+    parametrized = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"^layer '0': its weight is computed on access .*"
+                                         r"mode='local' cannot hook its gradient; use mode='propagate'$"):
+        grapes(parametrized, mode="local")
+
+
+def test_error_messages_list_only_the_first_eight_layers():
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(10)))
+    first_eight = re.escape(str([str(i) for i in range(8)]))  # "['0', ..., '7']": "8" and "9" left out
+    with pytest.raises(ValueError, match=rf"its layers are {first_eight}$"):
+        grapes(model, layers=["nope"])
+    with pytest.raises(ValueError, match=rf"\(layers: {first_eight}\)$"):
+        grapes(model, layers=["3"], exclude=["3"])
+
+
+def test_equal_clip_bounds_give_a_constant_factor():
+    """lo == hi is allowed (lo <= hi): every neuron's error is scaled by that one number."""
+    model = _designed_mlp()
+    x, t = _mlp_data()
+    handle = grapes(model, clip=(1.5, 1.5))
+    assert handle.clip == (1.5, 1.5)
+    got = _grads(model, x, t)
+    ws, bs = [_np(model[i].weight) for i in (0, 2, 4)], [_np(model[i].bias) for i in (0, 2, 4)]
+    gw, gb, _ = np_mlp_backward(ws, bs, _np(x), _np(t), "propagate", {0: np.full(5, 1.5), 1: np.full(6, 1.5)})
+    np.testing.assert_allclose(_np(got["0.weight"]), gw[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(_np(got["2.bias"]), gb[1], rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- handle state
+def test_handle_attributes_and_repr():
+    model = _mlp()
+    handle = grapes(model)
+    assert handle.importance == "incoming" and handle.mode == "propagate" and handle.clip == (1.0, 2.0)
+    assert handle.removed is False
+    assert repr(handle) == "GrapesHandle(mode='propagate', clip=(1.0, 2.0), layers=['0', '2'], enabled)"
+    with handle.pause():
+        assert repr(handle) == "GrapesHandle(mode='propagate', clip=(1.0, 2.0), layers=['0', '2'], paused)"
+        handle.remove()
+        assert repr(handle) == "GrapesHandle(mode='propagate', clip=(1.0, 2.0), layers=['0', '2'], removed)"
+    assert handle.removed is True
+    assert repr(handle).endswith(", removed)")  # still removed once the pause is over
+    local = grapes(model, mode="local", clip=None, exclude=["0"])
+    assert repr(local) == "GrapesHandle(mode='local', clip=None, layers=['2', '4'], enabled)"
+    local.enabled = False
+    assert repr(local).endswith("layers=['2', '4'], paused)")
+
+
+def test_factors_are_those_of_the_latest_backward_not_of_the_current_weights():
+    model = _designed_mlp()
+    x, t = _mlp_data()
+    handle = grapes(model, clip=None)
+    _grads(model, x, t)
+    with torch.no_grad():  # e.g. an optimiser step after the backward
+        model[0].weight.mul_(torch.tensor([0.1, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)[:, None])
+    assert handle.factors()["0"].tolist() == pytest.approx(RAW["0"], rel=1e-12)  # as used, hand values
+    _grads(model, x, t)  # the next backward recomputes them from the new weights: I = (0.1, 0.7, ...)
+    assert handle.factors()["0"].tolist() == pytest.approx([0.2 / 0.7, 2.0, 1.1 / 0.7, 0.6 / 0.7, 0.2 / 0.7],
+                                                           rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------- which layers
+def test_layers_inside_multihead_attention_are_left_alone():
+    """MultiheadAttention reads out_proj.weight directly (out_proj's forward never runs): not a target."""
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(4, 2), "head": nn.Linear(4, 2)})
+    assert grapes(model, exclude=()).layers == ["head"]
+    with pytest.raises(ValueError, match=r"matches no Linear/Conv/dendritic layer of the model; its layers are "
+                                         r"\['head'\]$"):
+        grapes(model, layers=["attn.out_proj"])
+
+
+def test_a_base_type_or_name_selects_its_dendritic_layer():
+    model = _mlp()
+    apical.perforate(model, apical.DendriteConfig(mode="pb", include=["0"]))  # "0" dendritic, "2", "4" plain
+    handle = grapes(model, layers=[nn.Linear], exclude=())  # the type of "0.base"
+    assert handle.layers == ["0", "2", "4"]
+    handle.remove()
+    layer = apical.DendriticLinear(nn.Linear(3, 2))  # the model is the layer itself: named "", base "base"
+    handle = grapes(layer, layers=["base"], exclude=())
+    assert handle.layers == [""]
+    handle.remove()
+    assert grapes(layer, layers=[r"ba.e"], exclude=()).layers == [""]
+
+
+# ---------------------------------------------------------------------------------- factors
+def test_factors_of_a_one_dimensional_weight_are_per_entry():
+    w = torch.tensor([1.0, -3.0, 0.5, 2.0])
+    np.testing.assert_allclose(_np(grapes_factors(w, None)), [2 / 3, 2.0, 1 / 3, 4 / 3], rtol=1e-6)
+    np.testing.assert_allclose(_np(grapes_factors(w)), [1.0, 2.0, 1.0, 4 / 3], rtol=1e-6)
+    half = grapes_factors(w.half(), None)
+    assert half.dtype == torch.float32 and half.shape == (4,)
+    np.testing.assert_allclose(_np(half), [2 / 3, 2.0, 1 / 3, 4 / 3], rtol=1e-6)
+
+
+def test_half_precision_importance_is_summed_in_float32():
+    """Row sums of 120000 and 60000 overflow float16 (max 65504): they are summed in float32."""
+    w = torch.tensor([[30000.0] * 4, [-15000.0] * 4], dtype=torch.float16)
+    f = grapes_factors(w, None)
+    assert f.dtype == torch.float32
+    assert f.tolist() == [2.0, 1.0]
+    assert grapes_factors(w.bfloat16(), (1.2, 1.8)).tolist() == pytest.approx([1.8, 1.2], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- hooks
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_forward_without_autograd_and_with_frozen_weights(mode):
+    model = _mlp()
+    x, _ = _mlp_data()
+    ws, bs = [_np(model[i].weight) for i in (0, 2, 4)], [_np(model[i].bias) for i in (0, 2, 4)]
+    h = _np(x)
+    for i in range(3):
+        h = h @ ws[i].T + bs[i]
+        h = np.tanh(h) if i < 2 else h
+    grapes(model, mode=mode)
+    with torch.no_grad():  # inference: nothing to hook
+        np.testing.assert_allclose(_np(model(x)), h, rtol=1e-12)
+    model.requires_grad_(False)  # a frozen model under autograd: its outputs need no gradient
+    out = model(x)
+    assert not out.requires_grad
+    np.testing.assert_allclose(_np(out), h, rtol=1e-12)
+
+
+def _two_layer_low_precision(dtype: torch.dtype) -> nn.Sequential:
+    """W0 = diag(2, 1) gives F = (2, 1); W1 = [[1, 1]]. Every gradient below is exact in bfloat16."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+        model[1].weight.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["propagate", "local"])
+def test_bfloat16_gradients_keep_their_dtype(mode):
+    model = _two_layer_low_precision(torch.bfloat16)
+    handle = grapes(model, mode=mode)
+    assert handle.layers == ["0"]
+    x = torch.ones(1, 2, dtype=torch.bfloat16, requires_grad=True)
+    model(x).sum().backward()
+    # plain error at the output of "0": (1, 1); scaled by F = (2, 1) for its own gradient in both modes
+    assert model[0].weight.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert model[0].weight.grad.tolist() == [[2.0, 2.0], [1.0, 1.0]]
+    assert model[1].weight.grad.tolist() == [[2.0, 1.0]]  # the output layer, h = W0 x = (2, 1)
+    assert x.grad.tolist() == ([[4.0, 1.0]] if mode == "propagate" else [[2.0, 1.0]])  # d W0
+
+
+def test_local_mode_scales_a_gradient_taken_before_any_forward():
+    """The parameter hooks are live from attach time, e.g. for a penalty on the weights alone."""
+    model = _designed_mlp()
+    handle = grapes(model, mode="local", clip=(0.5, 1.3))
+    assert handle.layers == ["0", "2"]
+    (model[0].weight.sum() + model[2].bias.sum()).backward()
+    np.testing.assert_allclose(_np(model[0].weight.grad), np.tile(np.array(HAND_FACTORS[(0.5, 1.3)]["0"])[:, None],
+                                                                  (1, 4)), rtol=1e-12)
+    np.testing.assert_allclose(_np(model[2].bias.grad), HAND_FACTORS[(0.5, 1.3)]["2"], rtol=1e-12)
+
+
+def test_local_mode_with_a_frozen_weight_still_scales_the_bias():
+    model = _designed_mlp()
+    model[0].weight.requires_grad_(False)
+    x, t = _mlp_data()
+    grapes(model, mode="local", clip=(1.0, 1.5))
+    got = _grads(model, x, t)
+    assert "0.weight" not in got
+    ws, bs = [_np(model[i].weight) for i in (0, 2, 4)], [_np(model[i].bias) for i in (0, 2, 4)]
+    factors = {k: np.array(HAND_FACTORS[(1.0, 1.5)][n]) for k, n in ((0, "0"), (1, "2"))}
+    gw, gb, _ = np_mlp_backward(ws, bs, _np(x), _np(t), "local", factors)
+    np.testing.assert_allclose(_np(got["0.bias"]), gb[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(_np(got["2.weight"]), gw[1], rtol=1e-10, atol=1e-12)
+
+
+def test_local_mode_on_a_linear_without_a_bias_attribute():
+    class TiedHead(nn.Linear):  # shares an embedding's weight; never calls nn.Linear.__init__
+        def __init__(self, weight: nn.Parameter) -> None:
+            nn.Module.__init__(self)
+            self.weight = weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.T
+
+    w = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)  # I = (2, 1, 1): F = (2, 1, 1)
+    model = nn.Sequential(TiedHead(nn.Parameter(w.clone())), nn.Linear(3, 1, bias=False).double())
+    handle = grapes(model, mode="local")
+    assert handle.layers == ["0"]
+    model(torch.ones(1, 2, dtype=torch.float64)).sum().backward()
+    wo = _np(model[1].weight)
+    np.testing.assert_allclose(_np(model[0].weight.grad), np.array([[2.0], [1.0], [1.0]]) * wo.T * [[1.0, 1.0]],
+                               rtol=1e-12)
+
+
+def test_a_user_hook_registered_after_attach_sees_the_modulated_gradient():
+    """GRAPES' parameter hook is registered once: a later user hook runs after it at every step."""
+    model = _designed_mlp()
+    x, t = _mlp_data()
+    grapes(model, mode="local", clip=None)
+    seen = []
+    model[0].weight.register_hook(lambda g: seen.append(g.clone()))
+    ws, bs = [_np(model[i].weight) for i in (0, 2, 4)], [_np(model[i].bias) for i in (0, 2, 4)]
+    factors = {k: np.array(RAW[n]) for k, n in ((0, "0"), (1, "2"))}
+    gw, _, _ = np_mlp_backward(ws, bs, _np(x), _np(t), "local", factors)
+    for _ in range(2):
+        _grads(model, x, t)
+    assert len(seen) == 2
+    for g in seen:
+        np.testing.assert_allclose(_np(g), gw[0], rtol=1e-10, atol=1e-12)
+
+
+def test_local_mode_hooks_a_dendrite_set_installed_while_attached():
+    """Installing a set replaces the layer's dendrite Parameters: the next forward hooks the new ones
+    (and unhooks the old), so their gradients are scaled exactly once by the layer's own F."""
+    model = _designed_mlp()
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    twin = copy.deepcopy(model)
+    x, t = _mlp_data()
+    handle = grapes(model, mode="local", clip=(0.5, 1.3), exclude=())
+    _grads(model, x, t)
+    old = [model[i].dendrite_out for i in (0, 2, 4)]
+    for m in (model, twin):
+        for i in (0, 2, 4):
+            m[i].install_random(1.0, torch.Generator().manual_seed(30 + i))
+            with torch.no_grad():
+                m[i].dendrite_out.normal_(generator=torch.Generator().manual_seed(40 + i))
+    for _ in range(2):
+        got, plain = _grads(model, x, t), _grads(twin, x, t)
+        for i in (0, 2, 4):
+            f = np.array(HAND_FACTORS[(0.5, 1.3)][str(i)])
+            for name in (f"{i}.dendrite_out", f"{i}.base.weight"):
+                axis = 1 if "dendrite" in name else 0
+                shape = [1] * got[name].dim()
+                shape[axis] = -1
+                np.testing.assert_allclose(_np(got[name]), _np(plain[name]) * f.reshape(shape), rtol=1e-10,
+                                           atol=1e-12, err_msg=name)
+    assert all(not p._backward_hooks for p in old)
+    handle.remove()
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_a_single_candidate_is_a_dendrite_phase_too():
+    model = _mlp()
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    for _, layer in apical.dendritic_layers(model):
+        layer.add_candidates(1, 1.0, generator=torch.Generator().manual_seed(7))
+        layer.set_training_mode("dendrite", True)
+        layer.base.requires_grad_(False)
+    x, t = _mlp_data()
+    plain = _candidate_grads(model, x, t)
+    grapes(model)
+    got = _candidate_grads(model, x, t)
+    assert got.keys() == plain.keys() and all(torch.equal(got[n], plain[n]) for n in plain)

@@ -148,7 +148,55 @@ def test_unbatched_conv_input():
     with torch.no_grad():
         model[0].dendrite_out.normal_()
     x = torch.randn(2, 8)
-    assert torch.allclose(model(x), model(x[None])[0])
+    out = model(x)
+    assert out.shape == (3, 6)  # unbatched in, unbatched out (allclose alone would broadcast)
+    assert torch.allclose(out, model(x[None])[0])
+    assert DendriticConv(nn.Conv1d(2, 3, 3)).activation == "sigmoid"  # the documented default
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(3, 4), lambda: nn.Conv1d(2, 4, 3)], ids=["linear", "conv1d"])
+def test_structure_changes_keep_dtype_and_frozen_flags(make):
+    """resize, install_random and remove_last keep the layer's dtype (float64 here, not the default float32)
+    and a perforated layer's flags: input weights, biases and cascade frozen, v trainable."""
+    model = _perforated(make().double())
+    layer = model[0]
+    tail = tuple(layer.base.weight.shape[1:])
+
+    def check(d, c):
+        assert (layer.num_dendrites, layer.num_candidates) == (d, c)
+        shapes = {"dendrite_weight": (d, 4, *tail), "dendrite_bias": (d, 4), "dendrite_cascade": (d, d, 4),
+                  "dendrite_out": (d, 4)}
+        if c:
+            shapes.update(candidate_weight=(c, 4, *tail), candidate_bias=(c, 4), candidate_cascade=(c, d, 4))
+        for name, shape in shapes.items():
+            p = getattr(layer, name)
+            assert p.shape == shape and p.dtype == torch.float64, name
+            assert p.requires_grad == (name == "dendrite_out" or name.startswith("candidate_")), name
+
+    layer.resize(2, 3)
+    check(2, 3)
+    assert all(int(torch.count_nonzero(getattr(layer, n))) == 0 for n in ("dendrite_weight", "candidate_weight"))
+    layer.resize(2)  # no candidates unless asked
+    check(2, 0)
+    layer.remove_last()
+    check(1, 0)
+    g = torch.Generator().manual_seed(3)
+    layer.install_random(2.0, g)
+    check(2, 0)
+    # the new set: randn draws (weights, then biases) times scale / sqrt(fan_in); no cascade, v = 0
+    ref = torch.Generator().manual_seed(3)
+    std = 2.0 / float(torch.tensor(tail).prod()) ** 0.5
+    w = torch.randn(1, 4, *tail, generator=ref) * std
+    b = torch.randn(1, 4, generator=ref) * std
+    torch.testing.assert_close(layer.dendrite_weight[1], w[0].double())
+    torch.testing.assert_close(layer.dendrite_bias[1], b[0].double())
+    assert int(torch.count_nonzero(layer.dendrite_cascade[1])) == 0
+    assert int(torch.count_nonzero(layer.dendrite_out[1])) == 0
+    layer.remove_last()
+    layer.remove_last()
+    check(0, 0)
+    with pytest.raises(RuntimeError, match="^no dendrite set to remove$"):
+        layer.remove_last()
 
 
 def test_remove_last_restores_previous_structure():

@@ -168,10 +168,8 @@ class Controller:
         if self.phase == "dendrite":
             for _, layer in self.layers:
                 layer.drop_candidates()
-            self.phase = "neuron"
             restructured = True
-        elif self._best_state is not None:
-            self._load(self._best_state)
+        # _finish loads the accepted architecture's best weights (after the keep-or-revert decision)
         if self.dendrites > self.accepted_dendrites:
             restructured = not self._keep_or_revert(events) or restructured
         elif self._accepted_state is None:
