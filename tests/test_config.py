@@ -62,3 +62,17 @@ def test_every_field_is_documented_and_the_reference_is_current():
     assert set(field_docs()) == {f.name for f in dataclasses.fields(DendriteConfig)}
     page = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert page.read_text() == config_reference(), "regenerate: python -m apical.dendrites.config > docs/config.md"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("type:collections.OrderedDict", r"^DendriteConfig: cannot restore module type 'collections.OrderedDict'; "
+                                     r"only torch.nn types$"),
+    ("type:torch.nn.NoSuchLayer", r"^DendriteConfig: unknown module type 'torch.nn.NoSuchLayer'$"),
+    ("type:torch.nn.functional", r"^DendriteConfig: unknown module type 'torch.nn.functional'$"),  # not a class
+    ("type:torch.nn.Parameter", r"^DendriteConfig: unknown module type 'torch.nn.Parameter'$"),  # not a Module
+])
+def test_from_dict_refuses_types_it_cannot_restore(spec, message):
+    """A saved include entry names a type; only torch.nn module classes come back, anything else is refused."""
+    with pytest.raises(ValueError, match=message):
+        DendriteConfig.from_dict({"include": [spec]})
+    assert DendriteConfig.from_dict({"include": ["type:torch.nn.Conv2d"]}).include == (nn.Conv2d,)

@@ -924,3 +924,14 @@ def test_a_single_candidate_is_a_dendrite_phase_too():
     grapes(model)
     got = _candidate_grads(model, x, t)
     assert got.keys() == plain.keys() and all(torch.equal(got[n], plain[n]) for n in plain)
+
+
+def test_a_user_forward_hook_is_not_taken_for_a_grapes_handle():
+    model = _mlp()
+    x, t = _mlp_data()
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))  # e.g. logging activations
+    handle = grapes(model, clip=None)
+    assert handle.layers == ["0", "2"]
+    _check(_grads(model, x, t), _mlp_expected(model, x, t, "propagate", clip=None))
+    assert seen == [(7, 5)]

@@ -160,3 +160,18 @@ def test_batchnorm_dropout_train_and_eval_modes():
     torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(net(x), first)  # no dropout in eval
     assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_var, rv)  # no update in eval
+
+
+def test_unwrap_refusal_names_at_most_five_layers_and_the_way_out():
+    net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(7)])
+    apical.perforate(net)
+    for i in range(7):
+        net[i].install_random(1.0)
+    names = ", ".join(repr(str(i)) for i in range(5))
+    with pytest.raises(PerforationError) as err:
+        apical.unwrap(net)
+    assert str(err.value) == (f"layers [{names}] hold dendrites; apical.export(model) keeps them in a plain "
+                              "module, or pass force=True to drop them")
+    assert all(isinstance(m, apical.DendriticLinear) for m in net)  # nothing changed
+    apical.unwrap(net, force=True)
+    assert all(type(m) is nn.Linear for m in net)

@@ -261,7 +261,7 @@ def config_reference() -> str:
     ]
     for f in dataclasses.fields(DendriteConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"| `{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+        lines.append(f"| `{f.name}` | `{default!r}` | {docs[f.name]} |")  # every field has a docstring
     return "\n".join(lines) + "\n"
 
 
