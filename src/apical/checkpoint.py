@@ -78,10 +78,11 @@ from apical.dendrites.correlation import CorrelationStats
 from apical.dendrites.layer import DendriticLayer
 from apical.dendrites.model import (
     PerforationError,
-    _select,
     apply_structure,
     dendritic_layers,
     perforate,
+    planned_layers,
+    roots_for,
     structure,
 )
 
@@ -561,10 +562,10 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
             if layer.activation != info[name]["activation"]:
                 raise _Invalid(f"layer {name!r} uses activation {layer.activation!r}, the checkpoint's "
                                f"uses {info[name]['activation']!r}")
-        geometry = {n: (layer.out_channels, layer.weight_tail, layer.base.weight) for n, layer in current.items()}
+        geometry = {n: (layer.out_channels, layer.weight_tail, layer.neuron_weight()) for n, layer in current.items()}
     elif record:
         activations = {entry["activation"] for entry in info.values()}
-        data = dict(config_dict, include=list(record), exclude=[])
+        data = dict(config_dict, include=roots_for(model, record), exclude=[])
         try:
             perforate_config = DendriteConfig.from_dict(data)
         except (ValueError, TypeError) as err:
@@ -575,15 +576,14 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
         if isinstance(model, DendriticLayer):
             raise _Invalid("the model is itself a dendritic layer")
         try:
-            selected = _select(model, perforate_config)
+            planned = planned_layers(model, perforate_config)
         except PerforationError as err:
             raise _Invalid(f"the model cannot be perforated as recorded: {err}") from None
-        if set(selected) != set(record):
-            raise _Invalid(f"the model cannot be perforated as recorded (would wrap {sorted(selected)[:3]})")
-        modules = dict(model.named_modules())
+        if set(planned) != set(record):
+            raise _Invalid(f"the model cannot be perforated as recorded (would wrap {sorted(planned)[:3]})")
         geometry = {}
         for n in record:
-            w = modules[n].weight
+            w = planned[n][1]
             geometry[n] = (int(w.shape[0]), tuple(int(s) for s in w.shape[1:]), w)
     else:
         geometry = {}
@@ -611,6 +611,11 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
             slots[rename(key)] = _Slot(_shape(value), value.dtype, value.device)
         else:
             slots[rename(key)] = _Slot(None, None, None)
+    for n in record:  # layers that own no tensor of the un-perforated model (attention projections)
+        if n not in seen:
+            o, tail, w = geometry[n]
+            for attr, shape in _layer_shapes(o, tail, record[n]["dendrites"], record[n]["candidates"]).items():
+                slots[f"{n}.{attr}"] = _Slot(shape, w.dtype, w.device, n, attr)
     params = {rename(k) for k, _ in model.named_parameters()}
     params |= {k for k, s in slots.items() if s.layer is not None}
     return slots, params, perforate_config
@@ -914,7 +919,7 @@ def _apply(plan: _Plan, model: nn.Module, controller: Controller | None,
     model.load_state_dict(plan.model_state)
     for name, entry in plan.stats.items():
         layer = layers[name]
-        device = layer.base.weight.device
+        device = layer.neuron_weight().device
         layer.stats = CorrelationStats(layer.num_candidates, layer.out_channels)
         layer.stats.n = float(entry["n"])
         for field in _STAT_FIELDS:

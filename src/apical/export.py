@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from apical.dendrites.attention import DendriticProjection
 from apical.dendrites.layer import ACTIVATION_FNS, DendriticConv, DendriticLayer, DendriticLinear
 
 __all__ = ["FusedDendriticConv", "FusedDendriticLinear", "export", "fuse_layer"]
@@ -154,11 +155,10 @@ class FusedDendriticLinear(_FusedDendrites):
 
     def __init__(self, layer: DendriticLinear) -> None:
         super().__init__()
-        base = layer.base
         o, d = layer.out_channels, layer.num_dendrites
         self.out_features = o
-        weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])
-        bias = _base_bias(base, o)
+        weight = torch.cat([layer.neuron_weight().detach()[None], layer.dendrite_weight.detach()])
+        bias = _base_bias(layer)
         bias = torch.cat([bias[None], layer.dendrite_bias.detach()])
         f = {"device": weight.device, "dtype": weight.dtype}
         self.linear = nn.Linear(weight.shape[-1], (1 + d) * o, **f)
@@ -186,7 +186,7 @@ class FusedDendriticConv(_FusedDendrites):
         o, d, g = layer.out_channels, layer.num_dendrites, layer.groups
         self.out_channels, self.groups, self.spatial = o, g, layer.spatial
         weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])  # [1+D, O, *w]
-        bias = torch.cat([_base_bias(base, o)[None], layer.dendrite_bias.detach()])  # [1+D, O]
+        bias = torch.cat([_base_bias(layer)[None], layer.dendrite_bias.detach()])  # [1+D, O]
         weight = weight.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o, *weight.shape[2:])
         bias = bias.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o)
         f = {"device": weight.device, "dtype": weight.dtype}
@@ -213,11 +213,11 @@ class FusedDendriticConv(_FusedDendrites):
         return z.squeeze(0) if unbatched else z
 
 
-def _base_bias(base: nn.Module, o: int) -> Tensor:
-    w = base.weight
-    if base.bias is None:
-        return torch.zeros(o, device=w.device, dtype=w.dtype)
-    return base.bias.detach()
+def _base_bias(layer: DendriticLayer) -> Tensor:
+    w, b = layer.neuron_weight(), layer.base_bias()
+    if b is None:
+        return torch.zeros(layer.out_channels, device=w.device, dtype=w.dtype)
+    return b.detach()
 
 
 def fuse_layer(layer: DendriticLayer) -> nn.Module:
@@ -258,6 +258,9 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     """
     memo: dict[int, object] = {}
     for module in model.modules():
+        if isinstance(module, DendriticProjection) and module.num_dendrites == 0:
+            memo[id(module)] = None  # the attention computes the projection from its own weights
+            continue
         if isinstance(module, DendriticLayer):
             memo[id(module)] = fuse_layer(module)
             continue
