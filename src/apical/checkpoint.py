@@ -12,7 +12,8 @@ string per entry of the safetensors ``__metadata__``:
 ``format`` (``"apical.checkpoint"``), ``format_version`` (``"1"``), ``apical_version``,
 ``torch_version``, ``structure`` (the growth record, :func:`apical.structure`), ``config`` (the
 :class:`DendriteConfig`, ``to_dict()``), ``layers`` (per dendritic layer: activation, normaliser,
-centring), ``model``, ``controller``, ``stats``, ``optimizer``, ``extra`` and ``sha256``.
+centring), ``model``, ``controller``, ``stats``, ``optimizer``, ``extra``, ``coverage`` (the rows of
+:func:`apical.coverage`, for ``apical inspect``; absent from files of apical before it) and ``sha256``.
 
 Inside the JSON a tensor is written ``{"__tensor__": "<entry name>"}``; tuples, dicts whose keys
 are not plain strings (the optimiser's integer parameter ids) and non-finite floats have tags of
@@ -75,6 +76,7 @@ from torch import Tensor, nn
 from apical.dendrites.config import ACTIVATIONS, CENTRING, NORMALISERS, DendriteConfig
 from apical.dendrites.controller import _COUNTERS, STATE_VERSION, Controller
 from apical.dendrites.correlation import CorrelationStats
+from apical.dendrites.coverage import coverage
 from apical.dendrites.layer import DendriticLayer
 from apical.dendrites.model import (
     PerforationError,
@@ -93,6 +95,8 @@ FORMAT_VERSION = 1
 
 _JSON_KEYS = ("structure", "config", "layers", "model", "controller", "stats", "optimizer", "extra")
 _META_KEYS = ("format", "format_version", "apical_version", "torch_version", *_JSON_KEYS, "sha256")
+# entries a file may lack (written by an older apical); read only by ``apical inspect``
+_OPTIONAL_META_KEYS = ("coverage",)
 _DENDRITE_ATTRS = ("dendrite_weight", "dendrite_bias", "dendrite_cascade", "dendrite_out")
 _CANDIDATE_ATTRS = ("candidate_weight", "candidate_bias", "candidate_cascade")
 _STAT_FIELDS = ("shift_a", "shift_d", *CorrelationStats.FIELDS)
@@ -391,6 +395,7 @@ def save(path: str | os.PathLike, model: nn.Module, controller: Controller | Non
         "stats": _json_dumps(stats_json),
         "optimizer": _json_dumps(optimizer_json),
         "extra": _json_dumps(extra_json),
+        "coverage": _json_dumps(coverage(model, controller.config if controller is not None else None).to_rows()),
     }
     metadata["sha256"] = _digest(metadata, packer.tensors)
     _atomic_write(path, safetensors.torch.save(packer.tensors, metadata=metadata))
@@ -457,7 +462,7 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     missing = [k for k in _META_KEYS if k not in metadata]
     if missing:
         raise _Invalid(f"has no {missing[0]!r} metadata entry")
-    unknown = sorted(set(metadata) - set(_META_KEYS))
+    unknown = sorted(set(metadata) - set(_META_KEYS) - set(_OPTIONAL_META_KEYS))
     if unknown:
         raise _Invalid(f"has an unknown metadata entry {unknown[0]!r}")
     try:

@@ -164,7 +164,9 @@ def coverage(model: nn.Module, config: DendriteConfig | None = None) -> Coverage
                 return False, "excluded by config.exclude"
             if config.include is not None and not any(_matches(name, module, sel) for sel in config.include):
                 return False, "not selected by config.include"
-        return False, "supported, not wrapped (perforate has not run on it)"
+        if dendritic_roots:
+            return False, "supported, left out by the include / exclude selection"
+        return False, "supported, not wrapped (perforate has not run)"
 
     dendritic_roots = [n for n, m in names.items() if n and is_dendritic_root(m)]
     statuses = {name: status(name, names[name]) for name in own}
