@@ -24,7 +24,10 @@ result holds no reference to the original model, its controller or its optimiser
 returned in eval mode, and contains only standard ``torch.nn`` modules and the two fused
 modules below, which use only ``torch`` operations with shapes fixed at export time, so it can
 be run under ``torch.compile(fullgraph=True)``, traced with ``torch.jit.trace`` and exported
-with ``torch.onnx.export``.
+with ``torch.onnx.export``. One exception: an ``nn.MultiheadAttention`` that carried dendrites
+stays a :class:`~apical.dendrites.attention.DendriticMultiheadAttention` (its projections fused
+as above; one without installed sets reads the attention's own weights), whose forward is
+apical's re-statement of the attention's; graph capture of it is not tested yet.
 
 Gradient flow is not preserved: a fused layer's parameters are ordinary trainable Parameters, so
 fine-tuning the export trains the dendrites' input weights like the base weights (no
