@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev,bench,progress,lightning]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev,test,bench,progress,lightning]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 venv: $(STAMP)

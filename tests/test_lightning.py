@@ -104,3 +104,25 @@ def test_callback_under_ddp_spawn_two_processes(tmp_path):
     assert ctl.done and "installed" in events, events
     assert _accuracy(net) == ctl.accepted_score  # the best network, scored on the whole validation set
     print(f"2-process ddp_spawn Lightning cycle: {len(ctl.history)} epochs, {time.perf_counter() - start:.1f} s")
+
+
+class LitAttention(LitMLP):
+    """The same task through a TransformerEncoder: the callback grows dendrites on attention too."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        layer = nn.TransformerEncoderLayer(8, 2, 8, dropout=0.0, batch_first=True)
+        self.net = nn.Sequential(nn.Unflatten(1, (2, 4)), nn.Linear(4, 8), nn.TransformerEncoder(layer, 1),
+                                 nn.Flatten(), nn.Linear(16, 3))
+
+
+def test_callback_grows_dendrites_on_attention():
+    lit = LitAttention()
+    callback = DendriteCallback(apical.DendriteConfig(**dict(CONFIG, patience=1)), monitor="val_acc")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(lit, *_loaders())
+    names = [n for n, _ in apical.dendritic_layers(lit)]
+    assert "net.2.layers.0.self_attn.q_proj" in names and "net.2.layers.0.self_attn.out_proj" in names
+    assert any(h["phase"] == "dendrite" for h in callback.history)

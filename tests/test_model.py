@@ -28,11 +28,16 @@ class Net(nn.Module):
 def test_default_wraps_linear_and_conv_keeping_parameters():
     net = Net()
     refs = {n: p for n, p in net.named_parameters()}
-    apical.perforate(net, DendriteConfig())
+    attn = net.attn
+    with pytest.warns(UserWarning, match="unsupported type GRU"):  # the GRU holds most parameters
+        apical.perforate(net, DendriteConfig())
     names = [n for n, _ in apical.dendritic_layers(net)]
-    assert names == ["conv", "fc1", "head"]  # attention's out_proj is left alone
+    assert names == ["conv", "attn.out_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj", "fc1", "head"]
     assert net.fc1.base.weight is refs["fc1.weight"]
     assert net.conv.base.bias is refs["conv.bias"]
+    assert net.attn is attn and isinstance(attn, nn.MultiheadAttention)  # the same object, dendrites inside
+    assert attn.in_proj_weight is refs["attn.in_proj_weight"]
+    assert attn.out_proj.base.weight is refs["attn.out_proj.weight"]
     out = net(torch.randn(2, 1, 6, 6), torch.randn(2, 5, 8))
     assert out.shape == (2, 3)
 

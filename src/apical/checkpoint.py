@@ -12,7 +12,8 @@ string per entry of the safetensors ``__metadata__``:
 ``format`` (``"apical.checkpoint"``), ``format_version`` (``"1"``), ``apical_version``,
 ``torch_version``, ``structure`` (the growth record, :func:`apical.structure`), ``config`` (the
 :class:`DendriteConfig`, ``to_dict()``), ``layers`` (per dendritic layer: activation, normaliser,
-centring), ``model``, ``controller``, ``stats``, ``optimizer``, ``extra`` and ``sha256``.
+centring), ``model``, ``controller``, ``stats``, ``optimizer``, ``extra``, ``coverage`` (the rows of
+:func:`apical.coverage`, for ``apical inspect``; absent from files of apical before it) and ``sha256``.
 
 Inside the JSON a tensor is written ``{"__tensor__": "<entry name>"}``; tuples, dicts whose keys
 are not plain strings (the optimiser's integer parameter ids) and non-finite floats have tags of
@@ -75,13 +76,15 @@ from torch import Tensor, nn
 from apical.dendrites.config import ACTIVATIONS, CENTRING, NORMALISERS, DendriteConfig
 from apical.dendrites.controller import _COUNTERS, STATE_VERSION, Controller
 from apical.dendrites.correlation import CorrelationStats
+from apical.dendrites.coverage import coverage
 from apical.dendrites.layer import DendriticLayer
 from apical.dendrites.model import (
     PerforationError,
-    _select,
     apply_structure,
     dendritic_layers,
     perforate,
+    planned_layers,
+    roots_for,
     structure,
 )
 
@@ -92,6 +95,8 @@ FORMAT_VERSION = 1
 
 _JSON_KEYS = ("structure", "config", "layers", "model", "controller", "stats", "optimizer", "extra")
 _META_KEYS = ("format", "format_version", "apical_version", "torch_version", *_JSON_KEYS, "sha256")
+# entries a file may lack (written by an older apical); read only by ``apical inspect``
+_OPTIONAL_META_KEYS = ("coverage",)
 _DENDRITE_ATTRS = ("dendrite_weight", "dendrite_bias", "dendrite_cascade", "dendrite_out")
 _CANDIDATE_ATTRS = ("candidate_weight", "candidate_bias", "candidate_cascade")
 _STAT_FIELDS = ("shift_a", "shift_d", *CorrelationStats.FIELDS)
@@ -390,6 +395,7 @@ def save(path: str | os.PathLike, model: nn.Module, controller: Controller | Non
         "stats": _json_dumps(stats_json),
         "optimizer": _json_dumps(optimizer_json),
         "extra": _json_dumps(extra_json),
+        "coverage": _json_dumps(coverage(model, controller.config if controller is not None else None).to_rows()),
     }
     metadata["sha256"] = _digest(metadata, packer.tensors)
     _atomic_write(path, safetensors.torch.save(packer.tensors, metadata=metadata))
@@ -456,7 +462,7 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     missing = [k for k in _META_KEYS if k not in metadata]
     if missing:
         raise _Invalid(f"has no {missing[0]!r} metadata entry")
-    unknown = sorted(set(metadata) - set(_META_KEYS))
+    unknown = sorted(set(metadata) - set(_META_KEYS) - set(_OPTIONAL_META_KEYS))
     if unknown:
         raise _Invalid(f"has an unknown metadata entry {unknown[0]!r}")
     try:
@@ -561,10 +567,10 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
             if layer.activation != info[name]["activation"]:
                 raise _Invalid(f"layer {name!r} uses activation {layer.activation!r}, the checkpoint's "
                                f"uses {info[name]['activation']!r}")
-        geometry = {n: (layer.out_channels, layer.weight_tail, layer.base.weight) for n, layer in current.items()}
+        geometry = {n: (layer.out_channels, layer.weight_tail, layer.neuron_weight()) for n, layer in current.items()}
     elif record:
         activations = {entry["activation"] for entry in info.values()}
-        data = dict(config_dict, include=list(record), exclude=[])
+        data = dict(config_dict, include=roots_for(model, record), exclude=[])
         try:
             perforate_config = DendriteConfig.from_dict(data)
         except (ValueError, TypeError) as err:
@@ -575,15 +581,14 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
         if isinstance(model, DendriticLayer):
             raise _Invalid("the model is itself a dendritic layer")
         try:
-            selected = _select(model, perforate_config)
+            planned = planned_layers(model, perforate_config)
         except PerforationError as err:
             raise _Invalid(f"the model cannot be perforated as recorded: {err}") from None
-        if set(selected) != set(record):
-            raise _Invalid(f"the model cannot be perforated as recorded (would wrap {sorted(selected)[:3]})")
-        modules = dict(model.named_modules())
+        if set(planned) != set(record):
+            raise _Invalid(f"the model cannot be perforated as recorded (would wrap {sorted(planned)[:3]})")
         geometry = {}
         for n in record:
-            w = modules[n].weight
+            w = planned[n][1]
             geometry[n] = (int(w.shape[0]), tuple(int(s) for s in w.shape[1:]), w)
     else:
         geometry = {}
@@ -611,6 +616,11 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
             slots[rename(key)] = _Slot(_shape(value), value.dtype, value.device)
         else:
             slots[rename(key)] = _Slot(None, None, None)
+    for n in record:  # layers that own no tensor of the un-perforated model (attention projections)
+        if n not in seen:
+            o, tail, w = geometry[n]
+            for attr, shape in _layer_shapes(o, tail, record[n]["dendrites"], record[n]["candidates"]).items():
+                slots[f"{n}.{attr}"] = _Slot(shape, w.dtype, w.device, n, attr)
     params = {rename(k) for k, _ in model.named_parameters()}
     params |= {k for k, s in slots.items() if s.layer is not None}
     return slots, params, perforate_config
@@ -914,7 +924,7 @@ def _apply(plan: _Plan, model: nn.Module, controller: Controller | None,
     model.load_state_dict(plan.model_state)
     for name, entry in plan.stats.items():
         layer = layers[name]
-        device = layer.base.weight.device
+        device = layer.neuron_weight().device
         layer.stats = CorrelationStats(layer.num_candidates, layer.out_channels)
         layer.stats.n = float(entry["n"])
         for field in _STAT_FIELDS:

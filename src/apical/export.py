@@ -24,7 +24,10 @@ result holds no reference to the original model, its controller or its optimiser
 returned in eval mode, and contains only standard ``torch.nn`` modules and the two fused
 modules below, which use only ``torch`` operations with shapes fixed at export time, so it can
 be run under ``torch.compile(fullgraph=True)``, traced with ``torch.jit.trace`` and exported
-with ``torch.onnx.export``.
+with ``torch.onnx.export``. One exception: an ``nn.MultiheadAttention`` that carried dendrites
+stays a :class:`~apical.dendrites.attention.DendriticMultiheadAttention` (its projections fused
+as above; one without installed sets reads the attention's own weights), whose forward is
+apical's re-statement of the attention's; graph capture of it is not tested yet.
 
 Gradient flow is not preserved: a fused layer's parameters are ordinary trainable Parameters, so
 fine-tuning the export trains the dendrites' input weights like the base weights (no
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from apical.dendrites.attention import DendriticProjection
 from apical.dendrites.layer import ACTIVATION_FNS, DendriticConv, DendriticLayer, DendriticLinear
 
 __all__ = ["FusedDendriticConv", "FusedDendriticLinear", "export", "fuse_layer"]
@@ -154,11 +158,10 @@ class FusedDendriticLinear(_FusedDendrites):
 
     def __init__(self, layer: DendriticLinear) -> None:
         super().__init__()
-        base = layer.base
         o, d = layer.out_channels, layer.num_dendrites
         self.out_features = o
-        weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])
-        bias = _base_bias(base, o)
+        weight = torch.cat([layer.neuron_weight().detach()[None], layer.dendrite_weight.detach()])
+        bias = _base_bias(layer)
         bias = torch.cat([bias[None], layer.dendrite_bias.detach()])
         f = {"device": weight.device, "dtype": weight.dtype}
         self.linear = nn.Linear(weight.shape[-1], (1 + d) * o, **f)
@@ -186,7 +189,7 @@ class FusedDendriticConv(_FusedDendrites):
         o, d, g = layer.out_channels, layer.num_dendrites, layer.groups
         self.out_channels, self.groups, self.spatial = o, g, layer.spatial
         weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])  # [1+D, O, *w]
-        bias = torch.cat([_base_bias(base, o)[None], layer.dendrite_bias.detach()])  # [1+D, O]
+        bias = torch.cat([_base_bias(layer)[None], layer.dendrite_bias.detach()])  # [1+D, O]
         weight = weight.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o, *weight.shape[2:])
         bias = bias.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o)
         f = {"device": weight.device, "dtype": weight.dtype}
@@ -213,11 +216,11 @@ class FusedDendriticConv(_FusedDendrites):
         return z.squeeze(0) if unbatched else z
 
 
-def _base_bias(base: nn.Module, o: int) -> Tensor:
-    w = base.weight
-    if base.bias is None:
-        return torch.zeros(o, device=w.device, dtype=w.dtype)
-    return base.bias.detach()
+def _base_bias(layer: DendriticLayer) -> Tensor:
+    w, b = layer.neuron_weight(), layer.base_bias()
+    if b is None:
+        return torch.zeros(layer.out_channels, device=w.device, dtype=w.dtype)
+    return b.detach()
 
 
 def fuse_layer(layer: DendriticLayer) -> nn.Module:
@@ -258,6 +261,9 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     """
     memo: dict[int, object] = {}
     for module in model.modules():
+        if isinstance(module, DendriticProjection) and module.num_dendrites == 0:
+            memo[id(module)] = None  # the attention computes the projection from its own weights
+            continue
         if isinstance(module, DendriticLayer):
             memo[id(module)] = fuse_layer(module)
             continue

@@ -244,7 +244,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     opaque = {id(c) for _, m in modules if isinstance(m, _OPAQUE_PARENTS) for c in m.children()}
     found = []
     for name, m in modules:
-        if isinstance(m, DendriticLayer) or (
+        if (isinstance(m, DendriticLayer) and id(m) not in opaque) or (
             isinstance(m, _PLAIN_TYPES) and id(m) not in bases and id(m) not in opaque
         ):
             found.append((name, m))

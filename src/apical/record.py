@@ -513,12 +513,14 @@ _CANDIDATES = ("candidate_weight", "candidate_bias", "candidate_cascade")
 
 
 def _kind(tensors: dict[str, Any], dendritic: bool) -> str:
-    w = tensors.get("base.weight" if dendritic else "weight")
+    w = tensors.get("dendrite_weight" if dendritic else "weight")
     shape = tuple(getattr(w, "shape", ()))
-    if dendritic:
-        return "Dendritic" + ("Linear" if len(shape) == 2 else _CONV.get(len(shape), "?"))
+    if dendritic:  # [D, O, *tail]
+        return "Dendritic" + ("Linear" if len(shape) == 3 else _CONV.get(len(shape) - 1, "?"))
     if "running_mean" in tensors:
         return "BatchNorm"
+    if "in_proj_weight" in tensors or "q_proj_weight" in tensors:
+        return "MultiheadAttention"
     if len(shape) == 2:
         return "Linear" if "bias" in tensors else "Linear/Embedding"
     if len(shape) in _CONV:
@@ -583,8 +585,9 @@ def inspect_text(checkpoint_path: str | os.PathLike[str]) -> str:
             elif attr.rsplit(".", 1)[-1] not in _BUFFERS:
                 params += numel
         total += params
-        w = entries.get("base.weight" if dendritic else "weight")
-        neurons = str(int(w.shape[0])) if getattr(w, "dim", lambda: 0)() >= 1 else "-"
+        w = entries.get("dendrite_weight" if dendritic else "weight")  # a dendritic layer's: [D, O, ...]
+        axis = 1 if dendritic else 0
+        neurons = str(int(w.shape[axis])) if getattr(w, "dim", lambda: 0)() > axis else "-"
         if dendritic:
             entry = record[name]
             dend = str(entry.get("dendrites"))
@@ -613,9 +616,32 @@ def inspect_text(checkpoint_path: str | os.PathLike[str]) -> str:
         shown = ", ".join(f"{k}={v!r}" if isinstance(v, (int, float, str, bool)) and len(repr(v)) < 30 else k
                           for k, v in extra.items())
         out.append(f"extra: {shown}")
+    out += _coverage_lines(metadata.get("coverage"))
     out.append("")
     out += _controller_lines(sections["controller"])
     return "\n".join(out)
+
+
+def _coverage_lines(text: str | None) -> list[str]:
+    """The coverage report saved with the checkpoint: a summary and the layer modules left out."""
+    from apical.checkpoint import _json_loads
+    from apical.dendrites.coverage import Coverage
+
+    if text is None:
+        return ["coverage: not recorded (a checkpoint of an older apical)"]
+    try:
+        report = Coverage.from_rows(_json_loads(text))
+    except (ValueError, TypeError):
+        return ["coverage: unreadable"]
+    out = [f"coverage: {report.summary()}"]
+    left = report.left_out
+    if left:
+        rows = [(e.name, e.kind, f"{e.parameters:,}", e.reason) for e in left[:20]]
+        out += ["  " + line for line in _table(("left out", "type", "parameters", "reason"), rows,
+                                                (False, False, True, False))]
+        if len(left) > 20:
+            out.append(f"  ... and {len(left) - 20} more")
+    return out
 
 
 def _controller_lines(ctl: Any) -> list[str]:

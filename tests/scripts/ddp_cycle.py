@@ -2,7 +2,9 @@
 
     python ddp_cycle.py OUT --rank R --world W --init tcp://127.0.0.1:29500
 
-Rank R of W trains on rows R*b .. (R+1)*b - 1 of every global batch (b = global batch / W) and
+The run starts from plain ``DistributedDataParallel(model)`` (no ``apical.distributed.wrap``) and
+rebuilds it with ``apical.distributed.rewrap`` after each restructure. Rank R of W trains on rows
+R*b .. (R+1)*b - 1 of every global batch (b = global batch / W) and
 scores on its share of the validation set; with ``--world 1`` (or :func:`run` called with
 ``world=1``) it is the single-process reference over the same global batches. Writes a
 ``torch.save`` dict to OUT: final parameters, controller history, the dendrites as they were when
@@ -63,7 +65,9 @@ def run(rank: int = 0, world: int = 1) -> dict:
     cfg = DendriteConfig(**CONFIG)
     model = perforate(net(), cfg)
     ctl = Controller(model, cfg)
-    ddp = apical.distributed.wrap(model) if world > 1 else model
+    # plain DistributedDataParallel, as HF accelerate and most frameworks wrap a model: no tensor of
+    # size zero requires grad, so the first neuron phase needs no help; rewrap after each restructure
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.Adam(ctl.parameters(), lr=1e-2)
     installed: list[dict] = []
     order = torch.Generator().manual_seed(2)

@@ -14,8 +14,6 @@ ACTIVATIONS = ("sigmoid", "tanh", "relu")
 NORMALISERS = ("error", "pearson")
 CENTRING = ("batch", "epoch")
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 @dataclass
 class DendriteConfig:
@@ -98,7 +96,9 @@ class DendriteConfig:
 
     include: Sequence[str | type[nn.Module]] | None = None
     """Which modules get dendrites: module types, exact names, or regular expressions over
-    ``model.named_modules()`` names. ``None`` wraps every Linear, Conv1d, Conv2d, Conv3d."""
+    ``model.named_modules()`` names. ``None`` wraps every module of a kind apical supports
+    (``apical.layer_registry``: Linear, Conv1d/2d/3d, MultiheadAttention, and the registered
+    kinds of other libraries); ``apical.coverage(model)`` lists what was left out and why."""
 
     exclude: Sequence[str | type[nn.Module]] = field(default_factory=tuple)
     """Modules never wrapped, in the same forms as ``include``."""

@@ -40,11 +40,14 @@ class DendriticLayer(nn.Module):
     set_axis: int = 1
 
     def __init__(self, base: nn.Module, activation: str = "sigmoid") -> None:
+        reason = type(self).unsupported(base)
+        if reason is not None:
+            raise ValueError(f"cannot wrap {type(base).__name__}: {reason}")
         super().__init__()
         self.base = base
-        weight = base.weight
+        weight = type(self).neuron_weight_of(base)
         self.out_channels = int(weight.shape[0])
-        self.weight_tail = tuple(weight.shape[1:])
+        self.weight_tail = tuple(int(s) for s in weight.shape[1:])
         self.activation = activation
         self.perforated = True  # pb: dendrites read x.detach() and are frozen in the neuron phase
         self.normaliser = "error"
@@ -56,11 +59,69 @@ class DendriticLayer(nn.Module):
         self.dendrite_weight = nn.Parameter(torch.empty(0, o, *self.weight_tail, **factory), False)
         self.dendrite_bias = nn.Parameter(torch.empty(0, o, **factory), False)
         self.dendrite_cascade = nn.Parameter(torch.empty(0, 0, o, **factory), False)
-        self.dendrite_out = nn.Parameter(torch.empty(0, o, **factory))
+        # zero-size tensors never require grad: plain DistributedDataParallel would wait for their gradients
+        self.dendrite_out = nn.Parameter(torch.empty(0, o, **factory), False)
         self.register_parameter("candidate_weight", None)
         self.register_parameter("candidate_bias", None)
         self.register_parameter("candidate_cascade", None)
         self.stats: CorrelationStats | None = None
+
+    # ------------------------------------------------------------------ the wrapped module
+    @classmethod
+    def neuron_weight_of(cls, base: nn.Module) -> Tensor:
+        """``base``'s weight with the neuron axis first, ``[O, *tail]`` (a view, never a copy).
+
+        The default reads ``base.weight`` as stored (``nn.Linear``, ``nn.ConvNd``); subclasses for
+        modules that store their weight otherwise (e.g. ``[in, out]``) override this."""
+        return base.weight
+
+    @classmethod
+    def unsupported(cls, base: nn.Module) -> str | None:
+        """Why ``base`` cannot be wrapped by this class right now, or None."""
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            return "it is a lazy layer that has not been initialised yet: run one forward pass through the model first"
+        if not isinstance(weight, Tensor):
+            return "it has no weight tensor"
+        return None
+
+    @classmethod
+    def wrap(cls, base: nn.Module, activation: str = "sigmoid") -> nn.Module:
+        """The module that replaces ``base`` in its parent (registry protocol)."""
+        return cls(base, activation=activation)
+
+    @classmethod
+    def planned_layers(cls, base: nn.Module) -> dict[str, Tensor]:
+        """The dendritic layers :meth:`wrap` creates, by name relative to ``base`` ("": the
+        replacement itself), each with its neuron-major weight (registry protocol)."""
+        return {"": cls.neuron_weight_of(base)}
+
+    def unwrapped(self) -> nn.Module:
+        """The module to put back in place of this one (:func:`apical.unwrap`)."""
+        return self.base
+
+    def neuron_weight(self) -> Tensor:
+        """The wrapped weight, neuron axis first: ``[O, *tail]``."""
+        return type(self).neuron_weight_of(self.base)
+
+    def base_bias(self) -> Tensor | None:
+        """The wrapped module's bias per neuron ``[O]``, or None."""
+        return getattr(self.base, "bias", None)
+
+    # code that reads (or ties) the wrapped module's weight keeps working on the wrapper
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias") and "base" in self._modules:
+            setattr(self.base, name, value)  # e.g. weight tying by another library
+            return
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -78,7 +139,7 @@ class DendriticLayer(nn.Module):
         return int(math.prod(self.weight_tail))
 
     def _factory(self) -> dict:
-        w = self.base.weight
+        w = self.neuron_weight()
         return {"device": w.device, "dtype": w.dtype}
 
     def _random_sets(self, k: int, scale: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -98,7 +159,7 @@ class DendriticLayer(nn.Module):
         self.dendrite_weight = nn.Parameter(torch.zeros(d, o, *self.weight_tail, **f), False)
         self.dendrite_bias = nn.Parameter(torch.zeros(d, o, **f), False)
         self.dendrite_cascade = nn.Parameter(torch.zeros(d, d, o, **f), False)
-        self.dendrite_out = nn.Parameter(torch.zeros(d, o, **f))
+        self.dendrite_out = nn.Parameter(torch.zeros(d, o, **f), d > 0)
         if candidates:
             self._set_candidates(torch.zeros(candidates, o, *self.weight_tail, **f),
                                  torch.zeros(candidates, o, **f), torch.zeros(candidates, d, o, **f))
@@ -115,7 +176,7 @@ class DendriticLayer(nn.Module):
         """Install stored candidate tensors (already divided by the scale) and fresh statistics."""
         self.candidate_weight = nn.Parameter(w)
         self.candidate_bias = nn.Parameter(b)
-        self.candidate_cascade = nn.Parameter(u)
+        self.candidate_cascade = nn.Parameter(u, u.numel() > 0)
         for p in (self.candidate_weight, self.candidate_bias, self.candidate_cascade):
             p._apical_candidate = True  # lets optimiser builders give candidates their own group
         self.stats = CorrelationStats(int(w.shape[0]), self.out_channels)
@@ -184,18 +245,21 @@ class DendriticLayer(nn.Module):
         self.dendrite_weight = nn.Parameter(self.dendrite_weight.detach()[: d - 1].clone(), False)
         self.dendrite_bias = nn.Parameter(self.dendrite_bias.detach()[: d - 1].clone(), False)
         self.dendrite_cascade = nn.Parameter(self.dendrite_cascade.detach()[: d - 1, : d - 1].clone(), False)
-        self.dendrite_out = nn.Parameter(self.dendrite_out.detach()[: d - 1].clone())
+        self.dendrite_out = nn.Parameter(self.dendrite_out.detach()[: d - 1].clone(), d > 1)
 
     def set_training_mode(self, phase: str, perforated: bool) -> None:
         """Set which of this layer's own dendrite tensors train in ``phase``."""
         self.perforated = perforated
         inputs_train = phase == "neuron" and not perforated
+        # a tensor of size zero (no set installed yet, no cascade into a first candidate) never
+        # requires grad: it takes no part in the forward pass, and plain DistributedDataParallel
+        # would wait for its gradient
         for p in (self.dendrite_weight, self.dendrite_bias, self.dendrite_cascade):
-            p.requires_grad_(inputs_train)
-        self.dendrite_out.requires_grad_(phase == "neuron")
+            p.requires_grad_(inputs_train and p.numel() > 0)
+        self.dendrite_out.requires_grad_(phase == "neuron" and self.dendrite_out.numel() > 0)
         for p in (self.candidate_weight, self.candidate_bias, self.candidate_cascade):
             if p is not None:
-                p.requires_grad_(phase == "dendrite")
+                p.requires_grad_(phase == "dendrite" and p.numel() > 0)
 
     # ------------------------------------------------------------------ forward
     def _stack_forward(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -290,6 +354,16 @@ class DendriticLinear(DendriticLayer):
         return tuple(range(ndim - (2 if stacked else 1)))
 
 
+class DendriticTransposedLinear(DendriticLinear):
+    """Dendrites for a linear layer that stores its weight as ``[in_features, out_features]``
+    (``x @ weight + bias``), e.g. ``transformers.pytorch_utils.Conv1D`` of GPT-2: the neurons are
+    the weight's columns. The dendrite tensors are neuron-major, as for ``nn.Linear``."""
+
+    @classmethod
+    def neuron_weight_of(cls, base: nn.Module) -> Tensor:
+        return base.weight.t()
+
+
 class DendriticConv(DendriticLayer):
     """Dendrites for ``nn.Conv1d/2d/3d`` (grouped and depthwise included); the set axis is 1."""
 
@@ -320,25 +394,3 @@ class DendriticConv(DendriticLayer):
     def observation_dims(self, stacked: bool, ndim: int) -> tuple[int, ...]:
         first = 3 if stacked else 2
         return (0, *range(first, ndim))
-
-
-#: dispatcher: wrapped type -> dendritic layer class (looked up along the type's MRO)
-LAYER_TYPES: dict[type[nn.Module], type[DendriticLayer]] = {
-    nn.Linear: DendriticLinear,
-    nn.Conv1d: DendriticConv,
-    nn.Conv2d: DendriticConv,
-    nn.Conv3d: DendriticConv,
-}
-
-
-def layer_class_for_type(cls: type) -> type[DendriticLayer] | None:
-    """The dendritic layer class that can wrap modules of type ``cls`` (found along its MRO), or None."""
-    for base in cls.__mro__:
-        if base in LAYER_TYPES:
-            return LAYER_TYPES[base]
-    return None
-
-
-def layer_class_for(module: nn.Module) -> type[DendriticLayer] | None:
-    """The dendritic layer class that can wrap ``module``, or None."""
-    return layer_class_for_type(type(module))

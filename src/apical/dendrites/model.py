@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 
-from torch import nn
+from torch import Tensor, nn
 
-from apical.dendrites.config import DEFAULT_TYPES, DendriteConfig
-from apical.dendrites.layer import LAYER_TYPES, DendriticLayer, layer_class_for, layer_class_for_type
+from apical.dendrites.config import DendriteConfig
+from apical.dendrites.layer import DendriticLayer
+from apical.dendrites.registry import is_dendritic_root, layer_class_for, layer_registry
 
-# containers that read their children's weights directly instead of calling them
+log = logging.getLogger("apical")
+
+# containers that read their children's weights directly instead of calling them: their
+# children are never wrapped on their own (the container's own registry entry handles them)
 _OPAQUE_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
@@ -33,49 +39,79 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
+def _opaque_children(names: dict[str, nn.Module]) -> dict[str, str]:
+    """Descendants of modules that read their weights directly -> that module's type name."""
+    out: dict[str, str] = {}
+    for pname, parent in names.items():
+        if isinstance(parent, _OPAQUE_PARENTS):
+            for cname, _ in parent.named_modules():
+                if cname:
+                    out[f"{pname}.{cname}" if pname else cname] = type(parent).__name__
+    return out
+
+
+def _why_not(module: nn.Module) -> str | None:
+    """Why the registry cannot wrap ``module`` (None: it can)."""
+    cls = layer_class_for(module)
+    if cls is None:
+        return f"unsupported type {type(module).__name__}"
+    return cls.unsupported(module)
+
+
+def _lazy_error(name: str, module: nn.Module) -> PerforationError | None:
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter) and layer_class_for(module) is not None:
+        return PerforationError(
+            f"{name!r} ({type(module).__name__}) is a lazy layer that is not initialised yet: run one forward "
+            "pass through the model first (so that it knows its input size), then perforate"
+        )
+    return None
+
+
+def _supported_text() -> str:
+    return f"supported kinds are {layer_registry.kinds()} (apical.register_layer adds one)"
+
+
 def _select(model: nn.Module, config: DendriteConfig) -> list[str]:
     """Names of the modules to wrap; raises on selections that cannot be honoured."""
     names = dict(model.named_modules())
-    opaque = {
-        f"{pname}.{cname}" if pname else cname
-        for pname, parent in names.items()
-        if isinstance(parent, _OPAQUE_PARENTS)
-        for cname, _ in parent.named_children()
-    }
+    opaque = _opaque_children(names)
+
     def wrappable(name: str, module: nn.Module) -> bool:
-        return (
-            layer_class_for(module) is not None
-            and name not in opaque
-        )
+        return name not in opaque and not is_dendritic_root(module) and _why_not(module) is None
 
     selected: list[str] = []
     if config.include is None:
         for name, module in names.items():
-            if name and wrappable(name, module) and isinstance(module, DEFAULT_TYPES):
+            if not name or name in opaque:
+                continue
+            err = _lazy_error(name, module)
+            if err is not None:
+                raise err
+            if wrappable(name, module):
                 selected.append(name)
     else:
         for sel in config.include:
             hits = [n for n, m in names.items() if n and _matches(n, m, sel)]
             exact = isinstance(sel, str) and sel in names
-            if isinstance(sel, type) and layer_class_for_type(sel) is None:
-                raise PerforationError(
-                    f"include: apical cannot wrap {sel.__name__}; supported types are "
-                    f"{sorted(t.__name__ for t in LAYER_TYPES)}"
-                )
+            if isinstance(sel, type) and layer_registry.lookup(sel) is None:
+                raise PerforationError(f"include: apical cannot wrap {sel.__name__}; {_supported_text()}")
             if not hits:
                 raise PerforationError(
                     f"include: {sel!r} matches no module of the model; names look like "
                     f"{[n for n in names if n][:5]}"
                 )
+            for n in hits:
+                err = _lazy_error(n, names[n])
+                if err is not None and n not in opaque:
+                    raise err
             if exact:
                 module = names[sel]
                 if not wrappable(sel, module):
-                    why = ("it sits inside a module that reads its weights directly"
-                           if sel in opaque else "its type is not supported")
-                    raise PerforationError(
-                        f"include: cannot wrap {sel!r} ({type(module).__name__}): {why}; supported "
-                        f"types are {sorted(t.__name__ for t in LAYER_TYPES)}"
-                    )
+                    why = (f"it sits inside {opaque[sel]}, which reads its weights directly (wrap that module "
+                           "instead)" if sel in opaque else _why_not(module) or "it is already wrapped")
+                    raise PerforationError(f"include: cannot wrap {sel!r} ({type(module).__name__}): {why}; "
+                                           f"{_supported_text()}")
                 good = [sel]
             else:
                 good = [n for n in hits if wrappable(n, names[n])]
@@ -88,41 +124,121 @@ def _select(model: nn.Module, config: DendriteConfig) -> list[str]:
     selected = [
         n for n in selected if not any(_matches(n, names[n], sel) for sel in config.exclude)
     ]
-    return selected
+    # a module inside another selected one is handled by that one's wrapper (or not at all)
+    roots: list[str] = []
+    for n in sorted(selected, key=lambda n: (n.count("."), n)):
+        if not any(n.startswith(r + ".") for r in roots):
+            roots.append(n)
+    keep = set(roots)
+    return [n for n in selected if n in keep]
+
+
+def planned_layers(model: nn.Module, config: DendriteConfig) -> dict[str, tuple[str, Tensor]]:
+    """Each dendritic layer that ``perforate(model, config)`` would create, by qualified name:
+    the name of the module it replaces or enters, and its neuron-major weight ``[O, *tail]``."""
+    out: dict[str, tuple[str, Tensor]] = {}
+    for root in _select(model, config):
+        module = model.get_submodule(root)
+        for rel, weight in layer_class_for(module).planned_layers(module).items():
+            out[f"{root}.{rel}" if rel else root] = (root, weight)
+    return out
+
+
+def roots_for(model: nn.Module, layer_names) -> list[str]:
+    """The module names to ``include`` so that perforating the un-perforated ``model`` creates the
+    dendritic layers ``layer_names`` (e.g. ``attn.q_proj`` comes from the attention ``attn``)."""
+    names = dict(model.named_modules())
+    opaque = _opaque_children(names)
+    roots: list[str] = []
+    for name in layer_names:
+        parts = name.split(".")
+        found = name  # not found: let _select report it
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            module = names.get(prefix)
+            if module is None or prefix in opaque or _why_not(module) is not None:
+                continue
+            rel = ".".join(parts[i:])
+            if rel in layer_class_for(module).planned_layers(module):
+                found = prefix
+                break
+        if found not in roots:
+            roots.append(found)
+    return roots
+
+
+def _set_fast_paths(model: nn.Module, enabled: bool) -> None:
+    """Turn off (and back on) torch's fused inference paths of Transformer encoder layers that
+    hold dendrites: they read the layers' weights directly and would skip the dendrites."""
+    for module in model.modules():
+        saved = module.__dict__.get("_apical_fast_path")
+        if enabled:
+            if saved is not None:
+                attr, value = saved
+                setattr(module, attr, value)
+                del module.__dict__["_apical_fast_path"]
+            continue
+        if saved is not None:
+            continue
+        attr = ("activation_relu_or_gelu" if isinstance(module, nn.TransformerEncoderLayer)
+                else "use_nested_tensor" if isinstance(module, nn.TransformerEncoder) else None)
+        if attr is None or not hasattr(module, attr):
+            continue
+        if any(isinstance(m, DendriticLayer) for m in module.modules()):
+            module.__dict__["_apical_fast_path"] = (attr, getattr(module, attr))
+            setattr(module, attr, 0 if attr == "activation_relu_or_gelu" else False)
 
 
 def perforate(model: nn.Module, config: DendriteConfig | None = None) -> nn.Module:
-    """Wrap the selected Linear/Conv modules of ``model`` in dendritic layers, in place.
+    """Wrap every supported module of ``model`` (or the ``include`` / ``exclude`` selection) in
+    dendritic layers, in place.
 
-    Each original module becomes the ``base`` child of its wrapper, so its Parameter objects
-    are kept (references taken before still train). Returns ``model`` itself.
+    Each original module becomes the ``base`` child of its wrapper (an ``nn.MultiheadAttention``
+    stays the same object and gains dendritic children), so its Parameter objects are kept
+    (references taken before still train). Modules apical cannot wrap are left alone:
+    :func:`apical.coverage` lists them with the reason. Logs a one-line coverage summary on the
+    ``apical`` logger and warns when most layer parameters sit in modules left out.
+    Returns ``model`` itself.
     """
     config = config or DendriteConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"perforate expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, DendriticLayer) or dendritic_layers(model):
+    if is_dendritic_root(model) or dendritic_layers(model):
         raise PerforationError("the model is already perforated; call apical.unwrap(model) first")
     if layer_class_for(model) is not None:
         raise PerforationError(
-            "the model itself is a single Linear/Conv module: put it inside a container "
+            "the model itself is a single layer: put it inside a container "
             "(e.g. nn.Sequential(layer)) so that it can be replaced in place"
         )
     names = _select(model, config)
     if not names:
         raise PerforationError(
-            "nothing to wrap: the model has no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d "
-            "(outside excluded names), so dendrites have nowhere to go"
+            "nothing to wrap: the model has no module apical supports (outside excluded names), so "
+            f"dendrites have nowhere to go; {_supported_text()}. apical.coverage(model) lists every module"
         )
     for name in names:
         parent, attr = _parent(model, name)
         base = getattr(parent, attr)
-        wrapper = layer_class_for(base)(base, activation=config.activation)
-        wrapper.normaliser = config.normaliser
-        wrapper.centring = config.centring
-        wrapper.candidate_scale = float(config.candidate_lr_scale)
-        wrapper.set_training_mode("neuron", perforated=config.mode == "pb")
-        wrapper.train(base.training)
-        setattr(parent, attr, wrapper)
+        training = base.training
+        wrapper = layer_class_for(base).wrap(base, activation=config.activation)
+        for _, layer in dendritic_layers(wrapper):
+            layer.normaliser = config.normaliser
+            layer.centring = config.centring
+            layer.candidate_scale = float(config.candidate_lr_scale)
+            layer.set_training_mode("neuron", perforated=config.mode == "pb")
+        wrapper.train(training)
+        if wrapper is not base:
+            setattr(parent, attr, wrapper)
+    _set_fast_paths(model, enabled=False)
+    from apical.dendrites.coverage import coverage  # late: coverage imports this module
+
+    report = coverage(model, config)
+    log.info("perforate: %s", report.summary())
+    if 2 * report.unreachable_parameters > report.layer_parameters:  # not by the user's own include/exclude
+        warnings.warn(
+            f"apical.perforate: {report.summary()}. Most layer parameters sit in modules left out; "
+            "apical.coverage(model) says why for each", stacklevel=2,
+        )
     return model
 
 
@@ -138,9 +254,16 @@ def unwrap(model: nn.Module, force: bool = False) -> nn.Module:
             f"layers {kept[:5]} hold dendrites; apical.export(model) keeps them in a plain module, "
             "or pass force=True to drop them"
         )
-    for name, layer in layers:
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, layer.base)
+    roots: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name and is_dendritic_root(module) and not any(name.startswith(r + ".") for r, _ in roots):
+            roots.append((name, module))
+    for name, module in roots:
+        original = module.unwrapped()
+        if original is not module:
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, original)
+    _set_fast_paths(model, enabled=True)
     return model
 
 

@@ -1,0 +1,80 @@
+"""apical.coverage: every parameterised module, wrapped or not, with the reason; perforate's summary."""
+
+import logging
+
+import pytest
+from torch import nn
+
+import apical
+from apical.cli import main
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)  # 80: not a layer
+        self.norm = nn.LayerNorm(8)  # 16: not a layer
+        self.fc = nn.Linear(8, 8)  # 72
+        self.rnn = nn.GRU(8, 4)  # 3 * 4 * (8 + 4) + 2 * 3 * 4 = 168
+        self.skip = nn.Linear(8, 3)  # 27
+        self.head = nn.Linear(8, 10, bias=False)  # tied to emb: 80, counted once, for the wrapped holder
+        self.head.weight = self.emb.weight
+
+
+def test_reasons_and_fraction_against_hand_counts():
+    net = Mixed()
+    apical.perforate(net, apical.DendriteConfig(exclude=["skip"]))
+    rep = apical.coverage(net, apical.DendriteConfig(exclude=["skip"]))
+    got = {e.name: (e.parameters, e.layer, e.wrapped, e.reason) for e in rep}
+    assert got == {
+        "emb": (0, False, False, "embedding: a lookup table, no neurons"),  # its table counts for head
+        "norm": (16, False, False, "no weight matrix (a norm's scale, a bias or a scalar)"),
+        "fc.base": (72, True, True, "wrapped (DendriticLinear)"),
+        "rnn": (168, True, False, "unsupported type GRU"),
+        "skip": (27, True, False, "excluded by config.exclude"),
+        "head.base": (80, True, True, "wrapped (DendriticLinear)"),
+    }
+    assert rep.layer_parameters == 72 + 168 + 27 + 80 and rep.wrapped_parameters == 152
+    assert rep.fraction == pytest.approx(152 / 347)
+    assert rep.unreachable_parameters == 168
+    assert [e.name for e in rep.left_out] == ["rnn", "skip"]
+    assert "43.8% of the layer parameters" in rep.summary()
+    assert apical.Coverage.from_rows(rep.to_rows()) == rep
+
+
+def test_unperforated_lazy_and_opaque_modules():
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    net = nn.Sequential(nn.LazyLinear(4), MyAttention(4, 2), nn.Conv1d(2, 2, 1))
+    rep = {e.name: e.reason for e in apical.coverage(net)}
+    assert rep["0"] == "lazy layer not initialised: run one forward pass first"
+    assert "register a layer class" in rep["1"]
+    assert rep["1.out_proj"] == "inside MyAttention, which reads its weights directly"
+    assert rep["2"] == "supported, not wrapped (perforate has not run)"
+    assert apical.coverage(net).fraction == 0.0
+
+
+def test_perforate_logs_a_summary_and_warns_only_when_most_parameters_are_unreachable(caplog, recwarn):
+    big = nn.Sequential(nn.Linear(2, 2), nn.GRU(2, 32))
+    with caplog.at_level(logging.INFO, logger="apical"):
+        with pytest.warns(UserWarning, match="unsupported type GRU"):
+            apical.perforate(big)
+    lines = [r.getMessage() for r in caplog.records if r.name == "apical"]
+    assert len(lines) == 1 and lines[0].startswith("perforate: dendrites on 1 module(s)")
+    # a big layer the user excluded on purpose is not a reason to warn
+    chosen = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 64))
+    n = len(recwarn)
+    apical.perforate(chosen, apical.DendriteConfig(exclude=["1"]))
+    assert len(recwarn) == n
+
+
+def test_inspect_shows_the_coverage_of_a_checkpoint(tmp_path, capsys):
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LSTM(4, 4))
+    with pytest.warns(UserWarning):
+        apical.perforate(net)
+    apical.save(tmp_path / "c.safetensors", net)
+    assert main(["inspect", str(tmp_path / "c.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "coverage: dendrites on 1 module(s) holding 11.1% of the layer parameters (20 of 180)" in out
+    assert "unsupported type LSTM" in out
