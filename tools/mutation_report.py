@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 from collections import defaultdict
 from datetime import date
@@ -55,6 +56,14 @@ def _function_of(key: str) -> str:
     return f"{module}.{rest.strip('.')}"
 
 
+def _head() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def load_equivalent() -> list[dict]:
     if not EQUIVALENT.exists():
         return []
@@ -70,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "mutation.md"))
     parser.add_argument("--mutants", default=str(ROOT / "mutants"))
+    parser.add_argument("--how", default="one `make mutate` run",
+                        help="how the results were obtained, for the report's first line")
     args = parser.parse_args(argv)
     mutants = Path(args.mutants)
     metas = sorted((mutants / "src").rglob("*.py.meta"))
@@ -120,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Mutation testing",
         "",
-        f"`make mutate` (mutmut, config in `pyproject.toml`), report by `tools/mutation_report.py`, {date.today()}.",
+        f"{args.how} (mutmut; config in `pyproject.toml`), summarised by `tools/mutation_report.py` on "
+        f"{date.today()}, commit {_head()}.",
         "A mutant is killed when a test fails, times out or crashes with it. Equivalent mutants (they cannot "
         "change behaviour) are listed in `tools/mutation_equivalent.toml`, each with its reason, and left out "
         "of the kill rate: kill rate = killed / (mutants - equivalent).",
