@@ -78,3 +78,29 @@ def test_inspect_shows_the_coverage_of_a_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "coverage: dendrites on 1 module(s) holding 11.1% of the layer parameters (20 of 180)" in out
     assert "unsupported type LSTM" in out
+
+
+def test_table_and_text_against_a_hand_written_report():
+    net = Mixed()
+    apical.perforate(net, apical.DendriteConfig(exclude=["skip"]))
+    rep = apical.coverage(net, apical.DendriteConfig(exclude=["skip"]))
+    want_rows = [
+        ("name", "type", "parameters", "layer", "wrapped", "reason"),
+        ("emb", "Embedding", "0", "-", "no", "embedding: a lookup table, no neurons"),
+        ("norm", "LayerNorm", "16", "-", "no", "no weight matrix (a norm's scale, a bias or a scalar)"),
+        ("fc.base", "Linear", "72", "yes", "yes", "wrapped (DendriticLinear)"),
+        ("rnn", "GRU", "168", "yes", "no", "unsupported type GRU"),
+        ("skip", "Linear", "27", "yes", "no", "excluded by config.exclude"),
+        ("head.base", "Linear", "80", "yes", "yes", "wrapped (DendriticLinear)"),
+    ]
+    widths = [9, 9, 10, 5, 7]  # the longest cell of each of the first five columns
+    want = "\n".join("  ".join([*(c + " " * (w - len(c)) for c, w in zip(r[:5], widths, strict=True)), r[5]])
+                     for r in want_rows)
+    assert rep.table() == want
+    assert str(rep) == rep.summary() + "\n" + want
+    assert rep.summary() == ("dendrites on 2 module(s) holding 43.8% of the layer parameters (152 of 347); left out "
+                             "2 layer module(s): unsupported type GRU (168); excluded by config.exclude (27)")
+    big = apical.Coverage.from_rows([["big", "Linear", 1234567, True, True, "wrapped (DendriticLinear)"]])
+    assert big.table().splitlines()[1].split()[2] == "1,234,567"
+    with pytest.raises(ValueError):  # a row of the wrong length is refused, not silently cut
+        apical.Coverage.from_rows([["fc", "Linear", 72, True, True]])

@@ -141,3 +141,40 @@ def test_transformers_conv1d_is_built_in():
     layer = net[0]
     assert type(layer) is apical.DendriticTransposedLinear and layer.out_channels == 6 and layer.weight_tail == (4,)
     assert torch.equal(net(x), before)
+
+
+def test_a_fresh_registry_by_type_and_by_name():
+    """A LayerRegistry of its own (the built-in one is created at import): lookup along the MRO, entries by
+    qualified name active only once their module is imported, replaced entries returned, kinds listed."""
+    from apical.dendrites.registry import LayerRegistry
+
+    reg = LayerRegistry()
+    assert reg.lookup(MyLinear) is None and reg.kinds() == []
+    assert reg.register(nn.Linear, apical.DendriticLinear) is None
+    assert reg.register(nn.Linear, apical.DendriticConv) is apical.DendriticLinear  # the entry it replaces
+    assert reg.lookup(nn.Linear) is apical.DendriticConv
+
+    class Sub(nn.Linear):
+        pass
+
+    assert reg.lookup(Sub) is apical.DendriticConv  # along the MRO
+    reg.register_by_name(f"{MyLinear.__module__}.{MyLinear.__qualname__}", apical.DendriticLinear)
+    assert reg.lookup(MyLinear) is apical.DendriticLinear  # its module is imported: the entry is active
+    reg.register_by_name("no_such_package.sub.Thing", apical.DendriticLinear)
+    top = MyLinear.__module__.split(".")[0]
+    assert reg.kinds() == ["Linear", f"{top}:{MyLinear.__qualname__}", "no_such_package:Thing"]
+    assert reg.unregister(nn.Linear) is apical.DendriticConv and reg.lookup(nn.Linear) is None
+    with pytest.raises(KeyError, match="^\"Linear has no entry in apical's layer registry\"$"):
+        reg.unregister(nn.Linear)
+    with pytest.raises(KeyError, match='^"42 has no entry'):
+        reg.unregister(42)  # not a type: named by itself
+
+
+def test_an_entry_by_name_is_not_taken_by_a_namesake():
+    """An entry by name matches only the class that its module defines under that name."""
+    from apical.dendrites.registry import LayerRegistry
+
+    reg = LayerRegistry()
+    reg.register_by_name(f"{MyLinear.__module__}.{MyLinear.__qualname__}", apical.DendriticLinear)
+    namesake = type(MyLinear.__qualname__, (nn.Module,), {"__module__": MyLinear.__module__})
+    assert reg.lookup(namesake) is None
