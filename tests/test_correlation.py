@@ -327,3 +327,55 @@ def test_two_ranks_gather_the_statistics_and_gradient_of_the_global_batch(make, 
         assert rank_grads[0][i].abs().sum() > 0
         avg = (rank_grads[0][i] + rank_grads[1][i]) / 2
         torch.testing.assert_close(avg, single_grads[i], rtol=2e-4, atol=1e-6 * single_grads[i].abs().max())
+
+
+def test_flat_is_the_count_then_every_running_sum():
+    """flat() is what the ranks compare: n exactly (float64, past float32's 2**24), then the sums in FIELDS order."""
+    from apical.dendrites.correlation import CorrelationStats
+
+    stats = CorrelationStats(2, 3)
+    stats.n = float(2**24 + 1)
+    values = {}
+    for i, k in enumerate(stats.FIELDS):
+        shape = (2, 3) if k in ("s_a", "s_ad", "s_aa") else (3,)
+        values[k] = torch.arange(np.prod(shape), dtype=torch.float64).reshape(shape) + 10 * i
+        setattr(stats, k, values[k])
+    flat = stats.flat()
+    want = np.concatenate([[2**24 + 1]] + [values[k].numpy().ravel() for k in ("s_a", "s_d", "s_ad", "s_aa", "s_dd")])
+    assert flat.dtype == torch.float64 and flat.shape == (1 + 3 * 6 + 2 * 3,)
+    np.testing.assert_array_equal(flat.numpy(), want)
+    for k in stats.FIELDS:  # on another device, the count goes along with the sums
+        setattr(stats, k, values[k].to("meta"))
+    assert stats.flat().device.type == "meta"
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 1e-6), (torch.float64, 1e-12)])
+def test_two_ranks_accumulate_low_and_high_precision_exactly(dtype, rtol, monkeypatch):
+    """accumulate_global on bf16 outputs and errors works in float32 at least (the sums match numpy on the
+    bf16 values to float32 accuracy), and on float64 ones stays in float64."""
+    from apical.dendrites import _dist
+
+    layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(2, 8, 5, 3, generator=g) * 0.5 + 0.25 + i, torch.randn(2, 8, 3, generator=g) * 1e-3 + i)
+               for i in range(3)]  # [rank, rows, C, O] outputs; errors [rank, rows, O]: offsets make shifts matter
+    batches = [(a.to(dtype), d.to(dtype)) for a, d in batches]
+    fake = _TwoRanks()
+    monkeypatch.setattr(_dist, "all_reduce_sum", fake.all_reduce_sum)
+    stats = [apical.dendrites.correlation.CorrelationStats(5, 3) for _ in range(2)]
+
+    def rank_epoch(r):
+        for a, d in batches:
+            stats[r].accumulate_global(a[r], d[r], layer)
+
+    fake.run(rank_epoch)
+    a = np.concatenate([b[0].double().numpy().reshape(-1, 5, 3) for b in batches])
+    d = np.concatenate([b[1].double().numpy().reshape(-1, 3) for b in batches])
+    m = stats[0].moments()
+    assert all(t.dtype == torch.float64 for t in m.values())
+    np.testing.assert_allclose(m["mean_a"].numpy(), a.mean(0), rtol=rtol)
+    np.testing.assert_allclose(m["mean_d"].numpy(), d.mean(0), rtol=rtol)
+    np.testing.assert_allclose(m["var_d"].numpy(), d.var(0), rtol=100 * rtol)
+    np.testing.assert_allclose(m["var_a"].numpy(), a.var(0), rtol=100 * rtol)
+    cov = ((a - a.mean(0)) * (d - d.mean(0))[:, None]).mean(0)
+    np.testing.assert_allclose(m["cov"].numpy(), cov, rtol=100 * rtol, atol=100 * rtol * np.abs(cov).max())

@@ -249,15 +249,30 @@ def test_collectives_on_one_rank_and_the_nccl_device_rule(one_rank_group, monkey
         moved.append(args[0] if args else kwargs.get("device"))
         return real_to(self, "cpu") if args and args[0] == torch.device("meta") else real_to(self, *args, **kwargs)
 
+    groups = []
+
     def fake_all_reduce(t, group=None):
+        groups.append(group)
         t.mul_(2)  # stands in for the sum over ranks
+
+    def fake_all_gather(rows, t, group=None):
+        groups.append(group)
+        for r in rows:
+            r.copy_(t)
 
     monkeypatch.setattr(torch.Tensor, "to", spy_to)
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(dist, "all_gather", fake_all_gather)
     buf = torch.tensor([1.0, 2.0], dtype=torch.float64)
     out = _dist.all_reduce_sum(buf)
     assert out is buf and torch.equal(buf, torch.tensor([2.0, 4.0], dtype=torch.float64))  # copied back
     assert moved == [torch.device("meta")]
+    moved.clear()
+    rows = _dist.all_gather(torch.tensor([7.0], dtype=torch.float64))
+    assert torch.equal(rows, torch.tensor([[7.0]], dtype=torch.float64))
+    assert moved == [torch.device("meta"), torch.device("cpu")]  # there on the backend's device, and back
+    # both collectives ran on apical's own group, never on the default group that DDP's buckets use
+    assert len(groups) == 2 and all(g is _dist.group() and g is not None for g in groups)
 
 
 def test_set_enabled_is_what_world_size_reads(one_rank_group, monkeypatch):
