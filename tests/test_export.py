@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import apical
 from apical.dendrites.layer import DendriticLayer
@@ -441,14 +440,14 @@ def test_weight_norm_weight_is_exported_with_the_value_it_had():
     np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-12)
 
 
-class _KeepOutputs(TorchDispatchMode):
-    """Keeps every tensor an op returns (so that no buffer is freed and its address reused)."""
+class _KeepOutputs(TorchFunctionMode):
+    """Keeps every tensor a torch function returns (so that no buffer is freed and its address reused)."""
 
     def __init__(self):
         super().__init__()
         self.outputs: list[torch.Tensor] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.outputs += [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
         return out
@@ -488,16 +487,21 @@ def test_bfloat16_is_kept():
     assert torch.allclose(got.double(), model(x).double(), atol=0.05, rtol=0.02)
 
 
-def test_compiling_and_eager_inference_as_torch_compile_sees_them():
+@pytest.mark.parametrize("public", [True, False])
+def test_compiling_asks_torch_compiler_first_then_dynamo(monkeypatch, public):
+    """torch.compiler.is_compiling is the authority where it exists (torch >= 2.3), even against
+    torch._dynamo.is_compiling; torch 2.2 has only the latter. Both torches simulated here."""
+    import torch._dynamo
+
     from apical.export import _compiling, _eager_inference
 
-    def probe(x):
-        return x + (1.0 if _compiling() else 0.0) + (2.0 if _eager_inference() else 0.0)
-
-    torch._dynamo.reset()
-    x = torch.zeros(1)
-    compiled = torch.compile(probe, backend="eager", fullgraph=True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: public)
+    monkeypatch.setattr(torch._dynamo, "is_compiling", lambda: not public)
+    assert _compiling() is public
     with torch.no_grad():
-        assert probe(x).item() == 2.0  # plain eager inference
-        assert compiled(x).item() == 1.0  # compiling: never the in-place path
-    assert probe(x).item() == 0.0  # autograd on
+        assert _eager_inference() is not public  # compiling: never the in-place path
+    monkeypatch.delattr(torch.compiler, "is_compiling")  # torch 2.2
+    monkeypatch.setattr(torch._dynamo, "is_compiling", lambda: public)
+    assert _compiling() is public
+    with torch.no_grad():
+        assert _eager_inference() is not public

@@ -882,7 +882,7 @@ def test_a_user_hook_registered_after_attach_sees_the_modulated_gradient():
         np.testing.assert_allclose(_np(g), gw[0], rtol=1e-10, atol=1e-12)
 
 
-def test_local_mode_hooks_a_dendrite_set_installed_while_attached():
+def test_local_mode_hooks_dendrite_sets_installed_while_attached():
     """Installing a set replaces the layer's dendrite Parameters: the next forward hooks the new ones
     (and unhooks the old), so their gradients are scaled exactly once by the layer's own F."""
     model = _designed_mlp()
@@ -891,23 +891,24 @@ def test_local_mode_hooks_a_dendrite_set_installed_while_attached():
     x, t = _mlp_data()
     handle = grapes(model, mode="local", clip=(0.5, 1.3), exclude=())
     _grads(model, x, t)
-    old = [model[i].dendrite_out for i in (0, 2, 4)]
-    for m in (model, twin):
-        for i in (0, 2, 4):
-            m[i].install_random(1.0, torch.Generator().manual_seed(30 + i))
-            with torch.no_grad():
-                m[i].dendrite_out.normal_(generator=torch.Generator().manual_seed(40 + i))
-    for _ in range(2):
-        got, plain = _grads(model, x, t), _grads(twin, x, t)
-        for i in (0, 2, 4):
-            f = np.array(HAND_FACTORS[(0.5, 1.3)][str(i)])
-            for name in (f"{i}.dendrite_out", f"{i}.base.weight"):
-                axis = 1 if "dendrite" in name else 0
-                shape = [1] * got[name].dim()
-                shape[axis] = -1
-                np.testing.assert_allclose(_np(got[name]), _np(plain[name]) * f.reshape(shape), rtol=1e-10,
-                                           atol=1e-12, err_msg=name)
-    assert all(not p._backward_hooks for p in old)
+    replaced = []
+    for round_ in range(2):  # the first set replaces a frozen empty v, the second a hooked one
+        replaced += [model[i].dendrite_out for i in (0, 2, 4)]
+        for m in (model, twin):
+            for i in (0, 2, 4):
+                m[i].install_random(1.0, torch.Generator().manual_seed(30 + i + 10 * round_))
+                with torch.no_grad():
+                    m[i].dendrite_out.normal_(generator=torch.Generator().manual_seed(50 + i + 10 * round_))
+        for _ in range(2):
+            got, plain = _grads(model, x, t), _grads(twin, x, t)
+            for i in (0, 2, 4):
+                f = np.array(HAND_FACTORS[(0.5, 1.3)][str(i)])
+                np.testing.assert_allclose(_np(got[f"{i}.dendrite_out"]), _np(plain[f"{i}.dendrite_out"]) * f,
+                                           rtol=1e-10, atol=1e-12)
+                np.testing.assert_allclose(_np(got[f"{i}.base.weight"]),
+                                           _np(plain[f"{i}.base.weight"]) * f[:, None], rtol=1e-10, atol=1e-12)
+    assert model[0].num_dendrites == 2
+    assert all(not p._backward_hooks for p in replaced)
     handle.remove()
     assert all(not p._backward_hooks for p in model.parameters())
 
