@@ -1,0 +1,69 @@
+"""Keep mutmut's verdicts in the repository, so that a mutation run can be finished over several sessions.
+
+    python tools/mutation_state.py save      # mutants/**/*.py.meta -> benchmarks/results/mutation-state.json
+    python tools/mutation_state.py restore   # the reverse, before `mutmut run` (make mutate-resume)
+
+Only *kills* are restored, and only for functions whose source is unchanged (mutmut compares each
+function's hash and re-tests a changed one): tests are only ever added or strengthened, so a kill stays a
+kill, while a survivor, a mutant without tests and an unchecked mutant are all tested again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = ROOT / "benchmarks" / "results" / "mutation-state.json"
+MUTANTS = ROOT / "mutants"
+KILLED = {1, 3, -24, 24, 152, 255, 36, -11, -9}  # as in tools/mutation_report.py
+
+
+def save() -> int:
+    metas = sorted((MUTANTS / "src").rglob("*.py.meta"))
+    if not metas:
+        print("no mutmut results under mutants/: nothing to save", file=sys.stderr)
+        return 2
+    state = {}
+    for meta in metas:
+        data = json.loads(meta.read_text())
+        state[meta.relative_to(MUTANTS).as_posix()] = {
+            "exit_code_by_key": data["exit_code_by_key"],
+            "hash_by_function_name": data.get("hash_by_function_name", {}),
+        }
+    STATE.write_text(json.dumps(state, indent=0, sort_keys=True) + "\n")
+    done = sum(v is not None for s in state.values() for v in s["exit_code_by_key"].values())
+    total = sum(len(s["exit_code_by_key"]) for s in state.values())
+    print(f"saved {done} of {total} verdicts to {STATE.relative_to(ROOT)}")
+    return 0
+
+
+def restore() -> int:
+    if not STATE.exists():
+        print(f"no {STATE.relative_to(ROOT)}: a full run starts from scratch", file=sys.stderr)
+        return 0
+    state = json.loads(STATE.read_text())
+    kept = 0
+    for rel, entry in state.items():
+        codes = {k: (v if v in KILLED else None) for k, v in entry["exit_code_by_key"].items()}
+        kept += sum(v is not None for v in codes.values())
+        path = MUTANTS / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"exit_code_by_key": codes, "hash_by_function_name": entry["hash_by_function_name"],
+                                    "type_check_error_by_key": {}, "durations_by_key": {},
+                                    "estimated_durations_by_key": {}}))
+    print(f"restored {kept} kills from {STATE.relative_to(ROOT)}; everything else is tested again")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("save", "restore"))
+    args = parser.parse_args(argv)
+    return save() if args.action == "save" else restore()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
