@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -219,3 +220,271 @@ def test_a_subclass_of_multihead_attention_is_left_alone_and_reported():
     reasons = {e.name: e.reason for e in apical.coverage(model)}
     assert "register a layer class" in reasons["0"]
     assert "reads its weights directly" in reasons["0.out_proj"]
+
+
+# ---------------------------------------------------------------- the plain module as the reference
+def _perforated_pair(seed=0, **kw):
+    """(plain nn.MultiheadAttention, a perforated copy of it): random biases, so a projection that
+    dropped its bias would show."""
+    torch.manual_seed(seed)
+    ref = nn.MultiheadAttention(E, H, **kw)
+    with torch.no_grad():
+        for p in (ref.in_proj_bias, ref.out_proj.bias):
+            if p is not None:
+                p.normal_()
+    mha = copy.deepcopy(ref)
+    apical.perforate(nn.Sequential(mha))
+    return ref, mha
+
+
+def _outcome(module, *args, **kw):
+    """What a call gives: ("ok", outputs, warning texts) or ("error", type, message)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = module(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - the reference's error is the expected value
+        return "error", type(e), str(e)
+    return "ok", out, [str(w.message) for w in caught]
+
+
+def _assert_same(mha, ref, *args, atol=1e-5, **kw):
+    got, want = _outcome(mha, *args, **kw), _outcome(ref, *args, **kw)
+    assert got[0] == want[0] == "ok", (got, want)
+    assert got[2] == want[2]  # the same warnings (mismatched mask types)
+    (out, weights), (want_out, want_weights) = got[1], want[1]
+    assert out.dtype == want_out.dtype and out.shape == want_out.shape
+    torch.testing.assert_close(out, want_out, rtol=0, atol=atol)
+    assert (weights is None) == (want_weights is None)
+    if weights is not None:
+        torch.testing.assert_close(weights, want_weights, rtol=0, atol=atol)
+
+
+def test_dropout_acts_in_training_only_like_the_plain_module():
+    p = 0.25  # not F.dropout's default 0.5
+    ref, mha = _perforated_pair(dropout=p)
+    q, k = torch.randn(5, 3, E), torch.randn(4, 3, E)
+    ref.eval()
+    mha.eval()
+    clean = ref(q, k, k, average_attn_weights=False)[1]
+    for kw in ({}, {"average_attn_weights": False}, {"need_weights": False}):
+        _assert_same(mha, ref, q, k, k, **kw)  # eval: no dropout
+    mha.train()
+    ref.train()
+    torch.manual_seed(1)
+    dropped = mha(q, k, k, average_attn_weights=False)[1]
+    # each weight is dropped or scaled by 1 / (1 - p)
+    zero = dropped == 0
+    torch.testing.assert_close(dropped[~zero], clean[~zero] / (1 - p), rtol=1e-6, atol=0)
+    assert 0.15 < zero.float().mean().item() < 0.35
+    for kw in ({}, {"average_attn_weights": False}, {"need_weights": False}):
+        outs = []
+        for module in (mha, ref):  # the same random draws as the plain module's
+            torch.manual_seed(2)
+            outs.append(module(q, k, k, **kw))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-5)
+        assert not torch.allclose(outs[0][0], ref.eval()(q, k, k, **kw)[0], atol=1e-3)
+        ref.train()
+        if outs[1][1] is not None:
+            torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=1e-6)
+
+
+def _masks(bool_mask):
+    """attn_mask [T, S] = [5, 4] and key_padding_mask [N, S] = [3, 4]: bool, or float with -inf / -1e9 / small
+    values where the bool would mask."""
+    g = torch.Generator().manual_seed(5)
+    am = torch.rand(5, 4, generator=g) < 0.3
+    am[:, 0] = False  # no row fully masked
+    kpm = torch.zeros(3, 4, dtype=torch.bool)
+    kpm[0, -1] = kpm[2, 1] = True
+    if bool_mask:
+        return am, kpm
+    return (torch.where(am, -1e9, torch.rand(5, 4, generator=g)),
+            torch.where(kpm, float("-inf"), 0.0) + 0.1 * torch.rand(3, 4, generator=g))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("am_bool, kpm_bool", [(True, True), (False, False), (True, False), (False, True)])
+def test_masks_of_every_accepted_form_match_the_plain_module(am_bool, kpm_bool, need_weights):
+    ref, mha = _perforated_pair(dropout=0.0)
+    mha.train()
+    ref.train()  # not torch's fused inference path
+    q, k, v = torch.randn(5, 3, E), torch.randn(4, 3, E), torch.randn(4, 3, E)
+    am = _masks(am_bool)[0]
+    kpm = _masks(kpm_bool)[1]
+    am3 = am[None].repeat(3 * H, 1, 1)  # [N * heads, T, S]
+    am3[1, 2, 3] = am3[4, 0, 2] = (True if am_bool else -1e9)  # masks differing per batch and head
+    nw = {"need_weights": need_weights}
+    for kw in ({"attn_mask": am}, {"attn_mask": am3}, {"key_padding_mask": kpm},
+               {"attn_mask": am, "key_padding_mask": kpm}, {"attn_mask": am3, "key_padding_mask": kpm},
+               {"attn_mask": am3, "average_attn_weights": False}):
+        _assert_same(mha, ref, q, k, v, **kw, **nw)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_unbatched_inputs_with_masks_match_the_plain_module(need_weights):
+    ref, mha = _perforated_pair(dropout=0.0)
+    q, k = torch.randn(5, E), torch.randn(4, E)
+    am, kpm = _masks(True)
+    am3 = am[None].repeat(H, 1, 1)  # unbatched: [heads, T, S]
+    am3[1, 2, 3] = True
+    for kw in ({}, {"attn_mask": am}, {"attn_mask": am3}, {"key_padding_mask": kpm[0]},
+               {"attn_mask": am3, "key_padding_mask": kpm[2]}):
+        _assert_same(mha, ref, q, k, k, need_weights=need_weights, **kw)
+
+
+def test_is_causal_hint_like_the_plain_module():
+    ref, mha = _perforated_pair(dropout=0.0)
+    x = torch.randn(5, 3, E)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    kpm = _masks(True)[1].new_zeros(3, 5)
+    kpm[1, 1] = True
+    for kw in ({"need_weights": True}, {"need_weights": True, "key_padding_mask": kpm}, {"need_weights": False},
+               {"need_weights": False, "key_padding_mask": kpm}):
+        _assert_same(mha, ref, x, x, x, attn_mask=causal, is_causal=True, **kw)
+    # with a key_padding_mask merged into it the mask is no longer causal: the plain module drops the
+    # hint and uses the mask as given, even one that is not causal
+    other = torch.zeros(5, 5, dtype=torch.bool)
+    other[0, 1] = other[3, 0] = True
+    _assert_same(mha, ref, x, x, x, attn_mask=other, is_causal=True, need_weights=False, key_padding_mask=kpm)
+    _assert_same(mha, ref, x, x, x, attn_mask=other, need_weights=False)  # no hint: the mask is kept
+    for module in (mha, ref):
+        with pytest.raises(RuntimeError, match="^Need attn_mask if specifying the is_causal hint"):
+            module(x, x, x, is_causal=True)
+
+
+def test_bad_masks_and_inputs_are_refused_like_the_plain_module():
+    ref, mha = _perforated_pair(dropout=0.0)
+    q, k = torch.randn(5, 3, E), torch.randn(4, 3, E)
+    # torch's own checks, reached before apical's: the same error and message
+    for args, kw in [
+        ((q, k, k), {"attn_mask": torch.zeros(5, 4, dtype=torch.long)}),
+        ((q, k, k), {"key_padding_mask": torch.zeros(3, 4, dtype=torch.int32)}),
+        ((q, k, k), {"key_padding_mask": torch.zeros(3, 4, dtype=torch.long), "attn_mask": torch.zeros(5, 4)}),
+        ((q, k, k), {"attn_mask": torch.zeros(1, 3 * H, 5, 4)}),
+        ((q, k, k), {"key_padding_mask": torch.zeros(4, dtype=torch.bool)}),
+        ((q[:, 0], k[:, 0], k[:, 0]), {"attn_mask": torch.zeros(H + 1, 5, 4)}),
+        ((q[:, 0], k[:, 0], k[:, 0]), {"key_padding_mask": torch.zeros(1, 4, dtype=torch.bool)}),
+    ]:
+        got, want = _outcome(mha, *args, **kw), _outcome(ref, *args, **kw)
+        assert got[0] == want[0] == "error" and got[1:] == want[1:], (kw, got, want)
+    # apical's own checks: the error names the shape given and the one expected
+    with pytest.raises(RuntimeError, match=r"^the 2D attn_mask has shape \(5, 3\), expected \(5, 4\)$"):
+        mha(q, k, k, attn_mask=torch.zeros(5, 3))
+    with pytest.raises(RuntimeError, match=r"2D attn_mask .*\[5, 3\].*\(5, 4\)"):
+        ref(q, k, k, attn_mask=torch.zeros(5, 3))
+    # torch raises AssertionError for these two; apical a RuntimeError / ValueError naming the same numbers
+    with pytest.raises(RuntimeError, match=r"^key_padding_mask has shape \(3, 5\), expected \(3, 4\)$"):
+        mha(q, k, k, key_padding_mask=torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(AssertionError, match="to be 4, but got 5"):
+        ref(q, k, k, key_padding_mask=torch.zeros(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^expected embedding dimension 8, got 6$"):
+        mha(torch.randn(5, 3, 6), k, k)
+    with pytest.raises(AssertionError, match="embedding dimension of 8, but got 6"):
+        ref(torch.randn(5, 3, 6), k, k)
+
+
+def test_mismatched_mask_types_warn_like_the_plain_module():
+    ref, mha = _perforated_pair(dropout=0.0)
+    q, k = torch.randn(5, 3, E), torch.randn(4, 3, E)
+    am, kpm = _masks(True)
+    fam, fkpm = _masks(False)
+    for kw in ({"attn_mask": fam, "key_padding_mask": kpm}, {"attn_mask": am, "key_padding_mask": fkpm}):
+        got = _outcome(mha, q, k, k, **kw)
+        assert got[2] == ["Support for mismatched key_padding_mask and attn_mask is deprecated. "
+                          "Use same type for both instead."]
+        _assert_same(mha, ref, q, k, k, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("add_bias_kv, add_zero_attn", [(True, False), (False, True), (True, True)])
+def test_bias_kv_and_zero_attention_keep_the_dtype(dtype, add_bias_kv, add_zero_attn):
+    ref, mha = _perforated_pair(dropout=0.0, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
+    ref.to(dtype)
+    mha.to(dtype)
+    q, k = torch.randn(5, 3, E, dtype=dtype), torch.randn(4, 3, E, dtype=dtype)
+    am, kpm = _masks(True)
+    atol = 1e-12 if dtype == torch.float64 else 0.05
+    for kw in ({}, {"attn_mask": am, "key_padding_mask": kpm}, {"need_weights": False}):
+        _assert_same(mha, ref, q, k, k, atol=atol, **kw)
+        assert mha(q, k, k, **kw)[0].dtype == dtype
+
+
+def test_nested_tensors_are_refused_with_a_clear_error():
+    _, mha = _perforated_pair()
+    dense = torch.randn(2, 4, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that nested tensors are a prototype (given once)
+        nested = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(4, E)])
+    for args in ((nested, dense, dense), (dense, nested, dense), (dense, dense, nested), (nested, nested, nested)):
+        with pytest.raises(ValueError, match="^apical's dendritic MultiheadAttention does not take nested tensors$"):
+            mha(*args)
+
+
+def test_wrap_called_directly_passes_the_activation_and_refuses_a_subclass():
+    from apical.dendrites.attention import DendriticMultiheadAttention
+
+    names = ("q_proj", "k_proj", "v_proj", "out_proj")
+    mha = DendriticMultiheadAttention.wrap(nn.MultiheadAttention(E, H))
+    assert [getattr(mha, n).activation for n in names] == ["sigmoid"] * 4
+    mha = DendriticMultiheadAttention.wrap(nn.MultiheadAttention(E, H), activation="tanh")
+    assert [getattr(mha, n).activation for n in names] == ["tanh"] * 4
+
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    reason = ("MyAttention subclasses nn.MultiheadAttention with code of its own: "
+              "register a layer class for it (apical.register_layer)")
+    assert DendriticMultiheadAttention.unsupported(MyAttention(E, H)) == reason
+    with pytest.raises(ValueError) as err:
+        DendriticMultiheadAttention.wrap(MyAttention(E, H))
+    assert str(err.value) == f"cannot wrap MyAttention: {reason}"
+
+
+def test_a_plain_attention_whose_out_proj_cannot_be_wrapped_is_reported():
+    from apical.dendrites.attention import DendriticMultiheadAttention
+
+    mha = nn.MultiheadAttention(E, H)
+    mha.out_proj = nn.LazyLinear(E)
+    lazy = "it is a lazy layer that has not been initialised yet: run one forward pass through the model first"
+    assert DendriticMultiheadAttention.unsupported(mha) == f"its out_proj: {lazy}"
+    reasons = {e.name: e.reason for e in apical.coverage(nn.Sequential(mha, nn.Linear(E, E)))}
+    assert reasons["0"] == f"its out_proj: {lazy}"
+    assert DendriticMultiheadAttention.unsupported(nn.MultiheadAttention(E, H)) is None
+
+
+def test_export_without_sets_reads_the_attention_weights_and_unwraps_to_the_plain_module():
+    ref, mha = _perforated_pair(dropout=0.0, kdim=6, vdim=5)
+    ref.eval()
+    q, k, v = torch.randn(5, 3, E), torch.randn(4, 3, 6), torch.randn(4, 3, 5)
+    with torch.no_grad():
+        ex = apical.export(nn.Sequential(mha))
+        assert ex[0].q_proj is None and ex[0].k_proj is None and ex[0].v_proj is None
+        assert isinstance(ex[0].out_proj, nn.Linear) and not isinstance(ex[0].out_proj, apical.DendriticLinear)
+        _assert_same(ex[0], ref, q, k, v)
+        apical.unwrap(ex)
+        assert type(ex[0]) is nn.MultiheadAttention and type(ex[0].out_proj) is type(ref.out_proj)
+        _assert_same(ex[0], ref, q, k, v)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5), (8, 1, 5), (8, 3, 1), (4, 3, 5)])
+def test_a_3d_mask_of_the_wrong_shape_is_refused_like_the_plain_module(shape):
+    """torch refuses a 3D attn_mask that is not [N * heads, T, S]; so does the perforated module, rather than
+    broadcasting it (N=2, heads=4, T=3, S=5)."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(8, 4, batch_first=True)
+    net = nn.Sequential()
+    net.add_module("attn", copy.deepcopy(plain))
+    apical.perforate(net)
+    q, kv = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="3D attn_mask"):
+        plain(q, kv, kv, attn_mask=mask)
+    with pytest.raises(RuntimeError, match=rf"^the 3D attn_mask has shape \({shape[0]}, {shape[1]}, {shape[2]}\), "
+                                           r"expected \(8, 3, 5\)$"):
+        net.attn(q, kv, kv, attn_mask=mask)
+    good = torch.rand(8, 3, 5) > 0.3
+    good[..., 0] = False  # no row fully masked
+    want, _ = plain(q, kv, kv, attn_mask=good)
+    got, _ = net.attn(q, kv, kv, attn_mask=good)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

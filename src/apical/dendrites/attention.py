@@ -167,6 +167,9 @@ class DendriticMultiheadAttention(nn.MultiheadAttention):
                 attn_mask = attn_mask.unsqueeze(0)
             elif attn_mask.dim() != 3:
                 raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+            elif attn_mask.shape != (bsz * heads, tgt_len, key.shape[0]):  # torch refuses what would broadcast
+                raise RuntimeError(f"the 3D attn_mask has shape {tuple(attn_mask.shape)}, expected "
+                                   f"{(bsz * heads, tgt_len, key.shape[0])}")
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
             v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
