@@ -26,7 +26,7 @@ from torch import nn
 
 import apical.checkpoint as ck
 from apical.checkpoint import CheckpointError, load, save
-from apical.dendrites import Controller, DendriteConfig, perforate, structure
+from apical.dendrites import Controller, DendriteConfig, DendriticLinear, dendritic_layers, perforate, structure
 
 pytest.importorskip("sklearn")
 
@@ -1718,6 +1718,73 @@ def test_snapshots_holding_extra_state(tmp_path):
     best = ctl2.state_dict()["best_state"]
     assert best["_extra_state"] == {"n": 4, "shape": (3, 2)}
     assert torch.equal(best["fc.base.weight"], model.fc.base.weight)
+
+
+class _Outer(nn.Linear):
+    def __init__(self):
+        super().__init__(3, 3)
+        self.inner = DendriticLinear(nn.Linear(3, 3))
+
+
+def test_nested_dendritic_layers_built_by_hand(tmp_path):
+    """A tensor belongs to the innermost dendritic layer whose name prefixes its key."""
+    def make():
+        return nn.Sequential(DendriticLinear(_Outer()))
+
+    torch.manual_seed(0)
+    model = make()
+    model[0].resize(1)
+    model[0].base.inner.resize(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    save(tmp_path / "n.safetensors", model)
+    target = make()
+    target[0].base.inner.resize(1, 3)  # candidates the file does not have
+    load(tmp_path / "n.safetensors", target)
+    assert structure(target) == {"0": {"dendrites": 1, "candidates": 0},
+                                 "0.base.inner": {"dendrites": 2, "candidates": 0}}
+    _assert_same_state(target, model)
+
+
+def _attention():
+    return nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
+
+
+def _wrong_q_out(sections, tensors, meta):
+    tensors[sections["model"]["0.q_proj.dendrite_out"]["__tensor__"]] = torch.zeros(1, 3)
+
+
+def _without_v_proj(sections, tensors, meta):
+    for section in ("structure", "layers"):
+        del sections[section]["0.v_proj"]
+    for key in [k for k in sections["model"] if k.startswith("0.v_proj.")]:
+        del sections["model"][key]
+
+
+def test_fresh_attention_model_grows_projections_it_does_not_have_yet(tmp_path):
+    """q/k/v projections exist only once perforated: their tensors are expected from the growth record."""
+    torch.manual_seed(0)
+    model = perforate(_attention(), DendriteConfig())
+    for _, layer in dendritic_layers(model):
+        layer.resize(1, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    path = tmp_path / "a.safetensors"
+    save(path, model)
+    fresh = _attention()
+    load(path, fresh)
+    assert structure(fresh) == structure(model) and structure(model)["0.q_proj"] == {"dendrites": 1, "candidates": 2}
+    _assert_same_state(fresh, model)
+    good = path.read_bytes()
+    path.write_bytes(_forge(good, _wrong_q_out))
+    assert _refusal(path, _attention()) == NO_FIT + (
+        "model tensor '0.q_proj.dendrite_out' has shape (1, 3) but the growth record (1 dendrites, 2 candidates in "
+        "'0.q_proj') needs (1, 4)")
+    path.write_bytes(_forge(good, _without_v_proj))  # perforating the attention creates all four projections
+    assert _refusal(path, _attention()) == NO_FIT + (
+        "the model cannot be perforated as recorded (would wrap ['0.k_proj', '0.out_proj', '0.q_proj'])")
 
 
 def test_float64_model_round_trip(tmp_path):
