@@ -166,13 +166,19 @@ def test_mlp_with_batchnorm_dropout_controller_and_candidates():
     ctl.close()
 
 
-def test_weight_norm_hook_is_kept():
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+def _weight_normed_mlp(dtype=torch.float32):
+    """Linear 4-6 with one dendrite set, ReLU, Linear 6-2 under the (deprecated) weight_norm hook."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nn.utils.weight_norm(model[2])
     apical.perforate(model, apical.DendriteConfig(include=["0"]))
     model[0].install_random(1.0)
+    return model
+
+
+def test_weight_norm_hook_is_kept():
+    model = _weight_normed_mlp()
     with torch.no_grad():
         model[0].dendrite_out.normal_()
         model[2].weight_g.mul_(3.0)  # only the hook turns this into the weight used
@@ -421,12 +427,7 @@ def test_bad_input_messages_name_the_type():
 def test_weight_norm_weight_is_exported_with_the_value_it_had():
     """weight_norm leaves the weight it computed, g v / |v|, on the module (a non-leaf tensor after a forward
     under autograd); the export holds a detached copy of it before its own first forward."""
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        nn.utils.weight_norm(model[2])
-    apical.perforate(model, apical.DendriteConfig(include=["0"]))
-    model[0].install_random(1.0)
+    model = _weight_normed_mlp(torch.float64)
     with torch.no_grad():
         model[2].weight_g.mul_(torch.tensor([[3.0], [0.5]], dtype=torch.float64))
     model(torch.randn(3, 4, dtype=torch.float64))  # recomputes the weight, with autograd
