@@ -816,11 +816,15 @@ def _data(make):
 
 
 def _under_a_file(files, path):
+    if os.name != "posix":
+        pytest.skip("POSIX error text")
     path.write_bytes(b"x")
     return path / "c.safetensors"
 
 
 def _fifo(files, path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
     os.mkfifo(path)
 
 
@@ -1996,6 +2000,7 @@ def test_file_that_fails_to_read_and_file_without_tensors(tmp_path, monkeypatch)
     assert _refusal(path, nn.Sequential(nn.Tanh())) == "cannot be read (Input/output error)"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes and directory fsync")
 def test_atomic_write_details(tmp_path, monkeypatch):
     model = _net()
     path = tmp_path / "c.safetensors"
@@ -2036,6 +2041,7 @@ def test_atomic_write_details(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "d.safetensors"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="directory fsync is POSIX only")
 def test_directory_sync_failures_are_tolerated(tmp_path, monkeypatch):
     model = _net()
     closed = []
