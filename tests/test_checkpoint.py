@@ -2081,3 +2081,21 @@ def test_directory_sync_failures_are_tolerated(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="^rename failed$"):
             save(tmp_path / "c.safetensors", model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_save_without_a_controller_keeps_the_candidates_learning_rate_scale(tmp_path):
+    """A fresh model loaded from a save without a controller gets the layers' candidate_lr_scale back (it was
+    the default 10), so the candidates' effective weights (stored value x scale) are the ones saved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    perforate(model, DendriteConfig(candidate_lr_scale=2.0))
+    for layer in (model[0], model[2]):
+        layer.add_candidates(2, 1.0)
+    path = tmp_path / "c.safetensors"
+    save(path, model)
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    load(path, fresh)
+    for old, new in ((model[0], fresh[0]), (model[2], fresh[2])):
+        assert new.candidate_scale == 2.0
+        for a, b in zip(old.candidate_tensors(), new.candidate_tensors(), strict=True):
+            assert torch.equal(a, b)

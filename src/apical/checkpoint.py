@@ -316,7 +316,7 @@ def _config_for(model: nn.Module, controller: Controller | None) -> DendriteConf
     first = layers[0][1]
     return DendriteConfig(
         mode="pb" if first.perforated else "gd", activation=first.activation, normaliser=first.normaliser,
-        centring=first.centring, include=[name for name, _ in layers],
+        centring=first.centring, candidate_lr_scale=first.candidate_scale, include=[name for name, _ in layers],
     )
 
 
