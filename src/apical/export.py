@@ -217,7 +217,7 @@ class FusedDendriticConv(_FusedDendrites):
 
 
 def _base_bias(layer: DendriticLayer) -> Tensor:
-    w, b = layer.neuron_weight(), layer.base_bias()
+    w, b = layer.neuron_weight(), layer.bias
     if b is None:
         return torch.zeros(layer.out_channels, device=w.device, dtype=w.dtype)
     return b.detach()

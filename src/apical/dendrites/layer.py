@@ -104,10 +104,6 @@ class DendriticLayer(nn.Module):
         """The wrapped weight, neuron axis first: ``[O, *tail]``."""
         return type(self).neuron_weight_of(self.base)
 
-    def base_bias(self) -> Tensor | None:
-        """The wrapped module's bias per neuron ``[O]``, or None."""
-        return getattr(self.base, "bias", None)
-
     # code that reads (or ties) the wrapped module's weight keeps working on the wrapper
     @property
     def weight(self) -> Tensor:
