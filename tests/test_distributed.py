@@ -224,6 +224,26 @@ def test_apical_group_is_released_with_the_default_group(tmp_path):
     assert mine() is None and len(_dist._groups) == 0
 
 
+def test_release_frees_apicals_group_before_the_default_group(tmp_path):
+    import gc
+    import weakref
+
+    import apical.distributed as ad
+
+    ad.release()  # not distributed: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        first = weakref.ref(_dist.group())
+        ad.release()
+        gc.collect()
+        assert first() is None and len(_dist._groups) == 0 and dist.is_initialized()
+        ad.release()  # idempotent
+        second = _dist.group()  # made again when needed
+        assert second is not None and len(_dist._groups) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def test_collectives_on_one_rank_and_the_nccl_device_rule(one_rank_group, monkeypatch):
     """all_reduce_sum and all_gather on a one-rank gloo group; a tensor that the backend cannot take (NCCL
     wants the current GPU) travels through a copy and comes back in place."""

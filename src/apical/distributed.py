@@ -46,6 +46,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "rank",
+    "release",
     "rewrap",
     "save_on_main",
     "set_synchronised",
@@ -78,6 +79,13 @@ def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if is_distributed():
         dist.barrier(group=_dist.group())
+
+
+def release() -> None:
+    """Free apical's own process group. Call it on every rank before
+    ``torch.distributed.destroy_process_group()`` at the end of a run (apical creates the group
+    again if it is needed later); without it the group goes at interpreter exit."""
+    _dist.release()
 
 
 def set_synchronised(enabled: bool) -> None:

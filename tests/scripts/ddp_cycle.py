@@ -148,6 +148,7 @@ def main() -> None:
         result["seconds"] = time.perf_counter() - start
         torch.save(result, args.out)
         _stage("saved")
+        apical.distributed.release()  # on success only: its barrier would wait on a failed peer
     finally:
         if args.world > 1:
             dist.destroy_process_group()

@@ -44,6 +44,17 @@ def group():
     return mine
 
 
+def release() -> None:
+    """Destroy apical's group for the current default group, on every rank at the same point
+    (after a barrier on it, so no rank still has a collective in flight on it). Idempotent."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    mine = _groups.pop(dist.group.WORLD, None)
+    if mine is not None:
+        dist.barrier(group=mine)
+        dist.destroy_process_group(mine)
+
+
 def _device(tensor: Tensor) -> torch.device:
     """Where a collective on apical's group needs its tensor (NCCL: the current GPU)."""
     backend = str(dist.get_backend(group()))

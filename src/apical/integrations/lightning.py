@@ -150,6 +150,12 @@ class DendriteCallback(Callback):
         elif self._final_state is not None:  # e.g. min_epochs trained on after the cycle ended
             self._target(pl_module).load_state_dict(self._final_state)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # apical's process group goes while every rank is alive and in step, not at interpreter
+        # exit, where tearing a gloo group down beside a peer that is exiting can abort a worker
+        if stage == "fit" and isinstance(trainer.strategy, DDPStrategy):
+            _dist.release()
+
     # ------------------------------------------------------------------ helpers
     def _rebuild(self, trainer: pl.Trainer) -> None:
         """New DDP wrapper (its reducer knew the previous trainable parameters) and optimisers."""
