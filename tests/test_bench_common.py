@@ -18,7 +18,7 @@ def test_paired_ci_matches_a_hand_computation():
 
 def test_helpers():
     assert mean_std([1.0]) == (1.0, 0.0)
-    assert t95(4) == 2.776 and t95(11) == 2.228 and t95(100) == 1.96
+    assert t95(4) == 2.776 and t95(11) == 2.201 and t95(100) == 2.0
     assert markdown_table(["a", "b"], [[1, 2]]).splitlines()[2] == "| 1 | 2 |"
     with pytest.raises(ValueError):
         paired_ci([1.0], [])

@@ -24,11 +24,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_exits_0():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for command in ("demo", "bench", "plot", "inspect"):
+    for command in ("demo", "trial", "bench", "plot", "inspect"):
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["demo", "plot", "inspect", "bench"])
+@pytest.mark.parametrize("command", ["demo", "trial", "plot", "inspect", "bench"])
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -77,7 +77,7 @@ def test_demo_prints_the_table_and_records_a_run(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["mode", "dendrites"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["mode", "hidden", "dendrites"])
     assert set(lines[header + 1].replace(" ", "")) == {"-"}
     assert lines[header + 2].split()[0] == "none"
     assert "apical: epoch" in err and "plateau" in err  # --verbose: one INFO line per phase change
@@ -124,3 +124,20 @@ def test_progress_bar_is_optional(monkeypatch):
     on_epoch, close = _progress_callback("pb")
     assert on_epoch is None
     close()
+
+
+def test_demo_shows_a_plain_network_of_pbs_size(capsys):
+    assert main(["demo", "--modes", "none,pb", "--patience", "2", "--lr", "1e-2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if len(line.split()) == 8
+            and line.split()[0] in ("none", "none-matched", "pb")}
+    assert set(rows) == {"none", "none-matched", "pb"}
+
+    def count(h):  # MLP 64-h-10, by hand
+        return 64 * h + h + 10 * h + 10
+
+    pb_params = int(rows["pb"][3].replace(",", ""))
+    hidden = int(rows["none-matched"][1])
+    assert int(rows["none-matched"][3].replace(",", "")) == count(hidden)
+    assert hidden == min(range(1, 100), key=lambda h: (abs(count(h) - pb_params), h))
+    assert any(line.startswith("pb vs none-matched") for line in lines)

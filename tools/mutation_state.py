@@ -2,6 +2,7 @@
 
     python tools/mutation_state.py save      # mutants/**/*.py.meta -> benchmarks/results/mutation-state.json
     python tools/mutation_state.py restore   # the reverse, before `mutmut run` (make mutate-resume)
+    python tools/mutation_state.py pending 'apical.checkpoint.*'   # names without a kill, for `mutmut run NAMES`
 
 Only *kills* are restored, and only for functions whose source is unchanged (mutmut compares each
 function's hash and re-tests a changed one): tests are only ever added or strengthened, so a kill stays a
@@ -58,10 +59,27 @@ def restore() -> int:
     return 0
 
 
+def pending(patterns: list[str]) -> int:
+    """Print the stored mutants matching ``patterns`` (fnmatch) that have no kill, one per line:
+    ``mutmut run $(python tools/mutation_state.py pending 'apical.checkpoint.*')`` tests just those
+    (named mutants are always re-run, so naming the kills too would redo them)."""
+    import fnmatch
+
+    state = json.loads(STATE.read_text()) if STATE.exists() else {}
+    for entry in state.values():
+        for key, code in sorted(entry["exit_code_by_key"].items()):
+            if code not in KILLED and any(fnmatch.fnmatch(key, p) for p in patterns or ["*"]):
+                print(key)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("save", "restore"))
+    parser.add_argument("action", choices=("save", "restore", "pending"))
+    parser.add_argument("patterns", nargs="*", help="for pending: mutant-name patterns (default: all)")
     args = parser.parse_args(argv)
+    if args.action == "pending":
+        return pending(args.patterns)
     return save() if args.action == "save" else restore()
 
 

@@ -26,6 +26,7 @@ from apical.dendrites import (
     unwrap,
 )
 from apical.export import export
+from apical.trials import Task, TrialResult, trial
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,8 @@ __all__ = [
     "DendriticTransposedLinear",
     "PerforationError",
     "Step",
+    "Task",
+    "TrialResult",
     "__version__",
     "apply_structure",
     "coverage",
@@ -55,6 +58,7 @@ __all__ = [
     "register_layer",
     "save",
     "structure",
+    "trial",
     "unregister_layer",
     "unwrap",
 ]

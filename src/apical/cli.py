@@ -1,4 +1,4 @@
-"""The ``apical`` command line: demo, bench, plot, inspect.
+"""The ``apical`` command line: demo, trial, bench, plot, inspect.
 
 Exit codes: 0 success, 1 failure (one line on stderr; ``--debug`` for the traceback),
 2 usage error.
@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 failure (one line on stderr; ``--debug`` for the traceb
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -37,55 +36,132 @@ def _progress_callback(mode: str):
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from apical import DendriteConfig, datasets, models
-    from apical.training import fit
+    from apical import tasks
+    from apical.trials import mode_config, trial
+    from apical.trials.modes import MATCHED, with_matched
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = with_matched([m.strip() for m in args.modes.split(",") if m.strip()])
     if not modes:
         raise CliError("--modes is empty; give e.g. none,pb")
-    # validate every mode's config before any training
-    # "none-long": early stopping with 4x the patience, so that a pb gain is not just longer training
-    configs = {
-        mode: DendriteConfig(mode="none" if mode == "none-long" else mode, seed=args.seed,
-                             patience=args.patience * (4 if mode == "none-long" else 1))
-        for mode in modes
-    }
+    for mode in modes:  # every mode's config is checked before any training
+        mode_config(mode, args.patience, args.seed)
     recorded = "pb" if "pb" in modes else modes[-1]
     torch.set_num_threads(args.threads)
-    split = datasets.load("digits", seed=args.seed)
-    n_in = split.input_shape()[0]
-    print(f"apical demo: scikit-learn digits ({split.sizes()[0]} train / {split.sizes()[1]} val / "
-          f"{split.sizes()[2]} test), MLP {n_in}-{args.width}-{split.n_outputs}, Adam lr {args.lr}, "
-          f"seed {args.seed}, {args.threads} thread(s)", flush=True)
-    rows = []
-    for mode, cfg in configs.items():
-        on_epoch, close = _progress_callback(mode) if args.progress else (None, lambda: None)
-        try:
-            result = fit(lambda: models.MLP(n_in, [args.width], split.n_outputs), split, cfg,
-                         lr=args.lr, seed=args.seed, batch_size=64, on_epoch=on_epoch,
-                         run_dir=args.run_dir if mode == recorded else None)
-        finally:
+    task = tasks.digits_demo(hidden=args.width, lr=args.lr, patience=args.patience)
+    train_set, val_set, test_set = task.data(args.seed)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    print(f"apical demo: scikit-learn digits ({len(train_set)} train / {len(val_set)} val / {len(test_set)} test), "
+          f"MLP 64-{args.width}-10, Adam lr {args.lr}, seed{'s' if len(seeds) > 1 else ''} "
+          f"{', '.join(map(str, seeds))}, {args.threads} thread(s)", flush=True)
+    bars: list = []
+
+    def options(mode: str, seed: int, width: float) -> dict:
+        for close in bars:
             close()
-        rows.append(dataclasses.replace(result, mode=mode))
-    header = ("mode", "dendrites", "parameters", "val acc", "test acc", "epochs", "seconds")
-    table = [header] + [
-        (r.mode, str(r.dendrites), str(r.parameters), f"{r.val_score:.4f}", f"{r.test_score:.4f}",
-         str(r.epochs), f"{r.seconds:.1f}")
-        for r in rows
-    ]
+        bars.clear()
+        opts: dict = {}
+        if args.progress:
+            on_epoch, close = _progress_callback(mode)
+            bars.append(close)
+            opts["on_epoch"] = on_epoch
+        if args.run_dir is not None and mode == recorded and seed == seeds[0]:
+            opts["run_dir"] = args.run_dir
+        return opts
+
+    try:
+        result = trial(task, modes=modes, seeds=seeds, widths=(1.0,), out=args.out, run_options=options,
+                       command="apical demo")
+    finally:
+        for close in bars:
+            close()
+    header = ("mode", "hidden", "dendrites", "parameters", "val acc", "test acc", "epochs", "seconds")
+    table = [header]
+    for mode in result.modes:
+        s = result.summary(mode)
+        if s is not None:
+            table.append((mode, f"{models_hidden(args.width, s['width'][0])}", f"{s['dendrites'][0]:g}",
+                          f"{s['parameters'][0]:,.0f}", f"{s['val'][0]:.4f}", f"{s['test'][0]:.4f}",
+                          f"{s['epochs'][0]:.0f}", f"{s['seconds'][0]:.1f}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if len(seeds) > 1:
+        print(f"(means over {len(seeds)} seeds)")
+    for mode in ("pb", "gd"):
+        if mode in result.modes and MATCHED in result.modes:
+            d, m = result.summary(mode), result.summary(MATCHED)
+            verdict = "a plain network of the same size does as well or better" if m["test"][0] >= d["test"][0] \
+                else "dendrites beat a plain network of the same size"
+            print(f"{mode} vs none-matched (a plain network with about {mode}'s parameters): test "
+                  f"{d['test'][0]:.4f} against {m['test'][0]:.4f}: {verdict}"
+                  f"{'' if len(seeds) > 1 else ' on this one seed; apical trial gives paired CIs over seeds'}")
     if args.run_dir is not None:
         print(f"run record of the {recorded} run: {args.run_dir} (apical plot {args.run_dir})")
+    if args.out is not None:
+        print(f"report: {result.files.get('report')}")
+
+
+def models_hidden(hidden: int, width: float) -> int:
+    """Hidden units of the demo's MLP at a width."""
+    from apical.models import scaled
+
+    return scaled(hidden, width)
 
 
 def _bench(args: argparse.Namespace) -> None:
     from apical.bench import run_suite
 
     run_suite(args.suite, args.rest)
+
+
+def _parse_value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _trial(args: argparse.Namespace) -> None:
+    import shlex
+    from pathlib import Path
+
+    from apical import tasks
+    from apical.trials import load_task_file, trial
+
+    source = args.task_file
+    if Path(source).suffix == ".py" or Path(source).exists():
+        task = load_task_file(source, args.task)
+    elif source in tasks.TASKS:
+        task = tasks.get(source)
+    else:
+        raise CliError(f"{source!r} is neither a task file nor a built-in task ({', '.join(tasks.TASKS)})")
+    changes = {}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--set {item!r}: expected KEY=VALUE (a Task or DendriteConfig field)")
+        changes[key.strip()] = _parse_value(text)
+    if args.device is not None:
+        changes["device"] = args.device
+    if changes:
+        task = task.with_settings(**changes)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    try:
+        widths = [float(w) for w in args.widths.split(",") if w.strip()]
+    except ValueError:
+        raise CliError(f"--widths {args.widths!r}: expected comma-separated numbers, e.g. 0.5,1") from None
+    torch.set_num_threads(args.threads)
+    command = "apical trial " + " ".join(shlex.quote(a) for a in args.argv)
+    result = trial(task, modes=modes, seeds=args.seeds, widths=widths, out=args.out, progress=args.progress,
+                   log=lambda msg: print(msg, flush=True), command=command)
+    for width in result.widths:
+        for c in result.comparisons(width):
+            print(c.line())
+    print(f"report: {result.files.get('report')}")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -112,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log one line per phase change (INFO)")
     parser = argparse.ArgumentParser(prog="apical", description="apical: artificial dendrites for PyTorch "
-                                     "networks. Commands: demo, bench, plot, inspect.",
+                                     "networks. Commands: demo, trial, bench, plot, inspect.",
                                      epilog="Exit codes: 0 success, 1 failure, 2 usage error.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per phase change (INFO)")
@@ -120,10 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     demo = sub.add_parser("demo", parents=[common], help="train a small model with and without dendrites, "
-                          "print a table", description="Train an MLP on scikit-learn digits once per mode "
-                          "and print a table of dendrites, parameters, accuracy and time.")
+                          "print a table", description="A short trial: an MLP on scikit-learn digits in each mode, "
+                          "and a plain network with about pb's parameters (none-matched); prints a table of "
+                          "dendrites, parameters, accuracy and time.")
     demo.add_argument("--modes", default="none,none-long,pb",
-                      help="comma-separated modes: none, none-long (4x patience), gd, pb (default: none,none-long,pb)")
+                      help="comma-separated modes: none, none-long (4x patience), none-matched (a plain network "
+                      "with about pb's parameters; added whenever gd or pb runs), gd, pb (default: %(default)s)")
+    demo.add_argument("--seeds", type=int, default=1, help="number of seeds, from --seed on (default: 1)")
+    demo.add_argument("--out", default=None, help="also write the trial's files (trial.md, trial.jsonl, "
+                      "plots) here")
     demo.add_argument("--width", type=int, default=4, help="hidden width of the MLP (default: 4)")
     demo.add_argument("--patience", type=int, default=10, help="epochs without improvement before a "
                       "plateau (default: 10)")
@@ -141,6 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", help="suite name: digits, mnist1d, mnist5k, tox21, speed, grapes")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options")
     bench.set_defaults(func=_bench)
+
+    tri = sub.add_parser("trial", parents=[common], help="do dendrites help my model? every mode on the same "
+                         "seeds, paired CIs, a parameter-matched plain network",
+                         description="Train a task (a Python file defining task = apical.Task(...), or a "
+                         "built-in task name) in every mode on the same seeds and compare them: a Markdown "
+                         "table with paired 95%% CIs, one JSON line per run, plots. Rerun the same command "
+                         "to resume.")
+    tri.add_argument("task_file", metavar="TASK", help="path/to/task.py, or a built-in task: digits, digits-demo, "
+                     "mnist1d-mlp, mnist1d-cnn, mnist5k, tox21")
+    tri.add_argument("--task", default="task", help="name of the Task in the file (default: task)")
+    tri.add_argument("--modes", default="none,none-long,gd,pb", help="comma-separated modes from none, "
+                     "none-long, none-matched, gd, pb; none-matched is added with gd or pb (default: %(default)s)")
+    tri.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
+    tri.add_argument("--widths", default="1", help="comma-separated widths passed to model(width) (default: 1)")
+    tri.add_argument("--out", default="trial-out", help="output folder (default: %(default)s)")
+    tri.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    tri.add_argument("--device", default=None, help="torch device of the runs (default: the task's)")
+    tri.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a Task field (lr, max_epochs...) or a DendriteConfig field for gd and pb "
+                     "(max_dendrites...); VALUE is read as JSON, else as a string; repeatable")
+    tri.add_argument("--progress", action="store_true", help="a progress bar over runs (needs tqdm)")
+    tri.set_defaults(func=_trial)
 
     plot = sub.add_parser("plot", parents=[common], help="write PNG plots of a run directory",
                           description="Write RUN_DIR/scores.png and RUN_DIR/architectures.png from the "
@@ -178,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse exits with 2 on a usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     handler, old_level = _setup_logging(level)
     start = time.perf_counter()

@@ -30,6 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from apical.metrics import masked_bce_with_logits as masked_bce_loss
+from apical.metrics import roc_auc as roc_auc_mean
+from apical.metrics import roc_auc_per_task
+
 __all__ = [
     "DATASETS",
     "Split",
@@ -439,65 +443,3 @@ def load(name: str, seed: int = 0, **kwargs: Any) -> Split:
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](seed, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------
-# multilabel loss and metric
-
-
-def masked_bce_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Binary cross-entropy with logits, averaged over the labels that are not NaN.
-
-    Returns a zero (still attached to ``logits``) when every label is missing.
-    """
-    mask = ~torch.isnan(y)
-    target = torch.where(mask, y, torch.zeros_like(y)).to(logits.dtype)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    n = mask.sum()
-    return (loss * mask).sum() / n.clamp_min(1)
-
-
-def _to_numpy(a: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(a, Tensor):
-        return a.detach().cpu().double().numpy()
-    return np.asarray(a, dtype=np.float64)
-
-
-def _average_ranks(s: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``s`` with ties given their average rank."""
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], len(s)]  # exclusive
-    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(s))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def roc_auc_per_task(logits: Tensor | np.ndarray, y: Tensor | np.ndarray) -> np.ndarray:
-    """ROC-AUC of each column (Mann-Whitney rank statistic), NaN labels ignored.
-
-    A column with no known positive or no known negative gets NaN.
-    """
-    s, t = _to_numpy(logits), _to_numpy(y)
-    if s.ndim == 1:
-        s, t = s[:, None], t[:, None]
-    out = np.full(s.shape[1], np.nan)
-    for j in range(s.shape[1]):
-        known = ~np.isnan(t[:, j])
-        sj, tj = s[known, j], t[known, j] > 0.5
-        n_pos = int(tj.sum())
-        n_neg = len(tj) - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        ranks = _average_ranks(sj)
-        out[j] = (ranks[tj].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-    return out
-
-
-def roc_auc_mean(logits: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
-    """Mean ROC-AUC over the columns that have both classes (NaN if none has)."""
-    auc = roc_auc_per_task(logits, y)
-    ok = ~np.isnan(auc)
-    return float(auc[ok].mean()) if ok.any() else float("nan")

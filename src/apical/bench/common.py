@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shlex
@@ -14,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from apical.stats import mean_std, paired_ci, t95
+
+__all__ = ["DEFAULT_OUT", "header", "machine", "markdown_table", "mean_std", "paired_ci", "t95", "write_json"]
 
 DEFAULT_OUT = Path("benchmarks") / "results"
 
@@ -49,39 +52,6 @@ def markdown_table(header_row: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     lines = ["| " + " | ".join(header_row) + " |", "|" + "---|" * len(header_row)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
-# two-sided 95% Student t quantiles by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t95(dof: int) -> float:
-    """Two-sided 95% t quantile (nearest tabulated dof at or below, normal beyond 30)."""
-    if dof < 1:
-        return float("nan")
-    if dof > 30:
-        return 1.96
-    return _T95[max(k for k in _T95 if k <= dof)]
-
-
-def paired_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of a - b over paired runs and its 95% confidence interval (t distribution)."""
-    if len(a) != len(b) or not a:
-        raise ValueError("paired_ci needs two equally long, non-empty sequences")
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean, sd = mean_std(diffs)
-    half = t95(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return mean, mean - half, mean + half
 
 
 def write_json(path: Path, data: Any) -> None:
