@@ -30,7 +30,7 @@ def test_digits_quick_smoke(tmp_path, capsys):
     md = (tmp_path / "digits.md").read_text()
     data = json.loads((tmp_path / "digits.json").read_text())
     assert (tmp_path / "digits.jsonl").is_file()
-    modes = ("none", "none-long", "gd", "pb")
+    modes = ("none", "none-long", "none-matched", "gd", "pb")
     runs = {(r["mode"], r["seed"]): r for r in data["runs"]}
     for mode in modes:
         for seed in (0, 1):
@@ -45,8 +45,8 @@ def test_digits_quick_smoke(tmp_path, capsys):
     means = {m: sum(scores(m)) / 2 for m in BASELINES}
     baseline = max(BASELINES, key=lambda m: means[m])
     rows = _comparison_rows(md)
-    assert set(rows) == {"pb", "gd"}
-    for mode in ("pb", "gd"):
+    assert set(rows) == {"none-matched", "pb", "gd"}
+    for mode in ("none-matched", "pb", "gd"):
         diff, lo, hi = paired_ci(scores(mode), scores(baseline))
         got_base, n, got_diff, got_lo, got_hi = rows[mode]
         assert got_base == baseline and n == 2
@@ -58,7 +58,7 @@ def test_digits_quick_smoke(tmp_path, capsys):
     # --resume finds every run done and trains nothing
     capsys.readouterr()
     main(["digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--resume"])
-    assert "8 runs, 8 already done" in capsys.readouterr().out
+    assert "10 runs, 10 already done" in capsys.readouterr().out
 
 
 def test_compression_verdict_synthetic():

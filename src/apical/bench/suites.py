@@ -26,142 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from apical import datasets, models
+from apical import tasks
 from apical.bench.common import DEFAULT_OUT, header, markdown_table, mean_std, paired_ci, write_json
+from apical.bench.definitions import SUITES, ModelSpec, Suite, build_model, describe, load_split
 from apical.dendrites import DendriteConfig
-from apical.training import fit
+from apical.trials.modes import BASELINES, DEFAULT_MODES, MATCHED, mode_config, with_matched
+from apical.trials.run import train
+from apical.trials.runner import matched_width
 
-BASELINES = ("none", "none-long")
-DEFAULT_MODES = ("none", "none-long", "gd", "pb")
-KNOWN_MODES = (*DEFAULT_MODES, "perforatedai")
-CHALLENGERS = ("pb", "gd", "perforatedai")
+KNOWN_MODES = (*DEFAULT_MODES, "none-matched", "perforatedai")
+CHALLENGERS = (MATCHED, "pb", "gd", "perforatedai")
 DEFAULT_WIDTHS = (0.125, 0.25, 0.5, 1.0)
 SWEEP_MODES = ("none", "none-long", "pb")
 """Modes the compression sweep reports (none-long only where it was trained: default width, --sweep-long)."""
 QUICK_EPOCHS = 60
 QUICK_DENDRITE_EPOCHS = 6
-
-
-def mode_config(mode: str, patience: int, seed: int, exclude: Sequence[str] = (),
-                overrides: Mapping[str, Any] | None = None) -> DendriteConfig:
-    """The DendriteConfig of each benchmark mode; the one place to tune what the modes mean.
-
-    ``none``: plain early stopping with patience P. ``none-long``: the same with 4P (a baseline that
-    may train as long as it improves). ``gd`` / ``pb``: DendriteConfig defaults except patience P, and
-    ``exclude`` (module names that get no dendrites; default none: every Linear/Conv layer) and any
-    other DendriteConfig ``overrides`` (``--set``, for method variants; ``patience`` there changes gd/pb's
-    neuron-phase patience only).
-    ``perforatedai`` (the reference package) mirrors the ``gd`` settings (see ``reference.py``).
-    """
-    if mode == "none":
-        return DendriteConfig(mode="none", patience=patience, seed=seed)
-    if mode == "none-long":
-        return DendriteConfig(mode="none", patience=4 * patience, seed=seed)
-    if mode in ("gd", "perforatedai", "pb"):
-        kind = "pb" if mode == "pb" else "gd"
-        return DendriteConfig(**{"mode": kind, "patience": patience, "seed": seed, "exclude": tuple(exclude),
-                                 **dict(overrides or {})})
-    raise ValueError(f"unknown benchmark mode {mode!r}; known: {', '.join(KNOWN_MODES)}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# suite definitions
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of a suite and how it is trained."""
-
-    name: str
-    """Label in the report ("mlp", "cnn")."""
-    kind: str
-    """Name for :func:`apical.models.build`."""
-    default_width: float
-    """Width multiplier of the mode comparison."""
-    lr: float
-    batch_size: int
-    patience: int
-    """P: neuron-phase patience of none/gd/pb (none-long uses 4P)."""
-    max_epochs: int
-    """Cap on epochs per run (every mode), to bound the cost."""
-    sweep: bool = False
-    """Part of the compression sweep."""
-    pb_widths: tuple[float, ...] = (0.125, 0.25, 0.5)
-    """Widths at which the sweep trains pb (``--pb-widths`` overrides)."""
-    quick_lr: float | None = None
-    """Learning rate of ``--quick`` runs (default 5 x ``lr``)."""
-
-
-@dataclass(frozen=True)
-class Suite:
-    """A data set, its models and the suite's defaults."""
-
-    name: str
-    dataset: str
-    models: tuple[ModelSpec, ...]
-    load_kwargs: tuple[tuple[str, Any], ...] = ()
-    fixed_split: bool = False
-    """One split for every seed (seed 0); otherwise the split follows the seed."""
-    sweep_default: bool = False
-    estimate_minutes: float = 0.0
-    """Estimated cost of the default run on the reference machine, 1 thread (from timed short runs)."""
-    notes: str = ""
-    """What was reduced to fit the CPU budget."""
-
-
-SUITES: dict[str, Suite] = {
-    "digits": Suite(
-        name="digits",
-        dataset="digits",
-        models=(ModelSpec("mlp", "mlp", 0.25, 1e-3, 64, 10, 1000, sweep=True),),
-        estimate_minutes=2,
-        notes="MLP 64-32-10 at width 1; the modes are compared at width 1/4 (8 hidden units). "
-        "Sweep off by default (--sweep: about 2 more minutes).",
-    ),
-    "mnist1d": Suite(
-        name="mnist1d",
-        dataset="mnist1d",
-        models=(
-            ModelSpec("mlp", "mlp", 0.25, 1e-3, 64, 10, 1000, sweep=True, pb_widths=(0.125, 0.25)),
-            ModelSpec("cnn", "cnn1d", 0.25, 2e-3, 128, 10, 600, sweep=True, pb_widths=(0.125, 0.25)),
-        ),
-        sweep_default=True,
-        estimate_minutes=26,
-        notes="MLP 40-64-64-10 and Conv1dNet (32, 32) at width 1; modes compared at width 1/4. "
-        "Reduced for CPU time: the sweep trains pb at widths 1/8 and 1/4 only (at 1/2 a plain network has "
-        "over a third of the width-1 parameters, so with one dendrite set it is over half: it cannot "
-        "meet the compression criterion; --pb-widths adds it); the CNN trains with batch 128, lr 2e-3, at "
-        "most 600 epochs.",
-    ),
-    "mnist5k": Suite(
-        name="mnist5k",
-        dataset="mnist5k",
-        load_kwargs=(("flat", False),),
-        models=(ModelSpec("cnn", "mnist_cnn", 0.125, 1e-3, 64, 5, 100, sweep=True, pb_widths=(0.125,),
-                          quick_lr=1e-3),),
-        sweep_default=True,
-        estimate_minutes=45,
-        notes="PyTorch-examples MNIST CNN (1.2M parameters at width 1) on 3,500 training images. Reduced "
-        "for CPU time: patience P = 5 (reference 10), at most 100 epochs per run, modes compared at width "
-        "1/8, and the sweep trains pb at width 1/8 only (pb at 1/8 costs ~4 min a seed on this machine; "
-        "--pb-widths 0.125,0.25 adds width 1/4, ~1.5x that, per seed). Over the 30-minute budget when the "
-        "machine is busy (about 25 min on a free core): --seeds 3 or --max-epochs 60 (which cuts pb) if needed.",
-    ),
-    "tox21": Suite(
-        name="tox21",
-        dataset="tox21",
-        fixed_split=True,
-        models=(ModelSpec("mlp", "mlp", 0.25, 1e-3, 128, 10, 300, sweep=True, pb_widths=(0.125, 0.25)),),
-        sweep_default=True,
-        estimate_minutes=25,
-        notes="Multi-task MLP 2048-[512, 128]-12 on ECFP4 bits at width 1, masked BCE, score = mean "
-        "ROC-AUC over the 12 assays; one fixed random 80/10/10 split (seed 0) for every seed. Reduced for "
-        "CPU time: modes compared at width 1/4 (2048-128-32-12); the sweep trains pb at widths 1/8 and "
-        "1/4 (at 1/2 the plain MLP already has 49% of the width-1 parameters; --pb-widths adds it).",
-    ),
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,7 +107,8 @@ def plan(suite: Suite, modes: Sequence[str], seeds: Sequence[int], widths: Seque
     for seed in seeds:
         wanted = []
         for spec in suite.models:
-            wanted += [Job(spec.name, mode, spec.default_width, seed) for mode in modes]
+            # none-matched needs pb's parameter counts first: main() runs it after the rest
+            wanted += [Job(spec.name, mode, spec.default_width, seed) for mode in modes if mode != MATCHED]
             if sweep and spec.sweep:
                 pbw = pb_widths if pb_widths is not None else [w for w in widths if w in spec.pb_widths]
                 wanted += [Job(spec.name, "none", float(w), seed) for w in widths]
@@ -239,34 +120,6 @@ def plan(suite: Suite, modes: Sequence[str], seeds: Sequence[int], widths: Seque
                 seen.add(job.key())
                 jobs.append(job)
     return jobs
-
-
-def load_split(suite: Suite, seed: int, quick: bool = False) -> datasets.Split:
-    """The split of ``suite`` for ``seed`` (seed 0 for a fixed split); ``quick`` keeps 1,000 random training
-    rows (the loaders' rows may be ordered by class)."""
-    split_seed = 0 if suite.fixed_split else seed
-    split = datasets.load(suite.dataset, seed=split_seed, **dict(suite.load_kwargs))
-    if quick and len(split.x_train) > 1000:
-        keep = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(split_seed))[:1000]
-        keep = keep.sort().values
-        split = dataclasses.replace(split, x_train=split.x_train[keep], y_train=split.y_train[keep])
-    return split
-
-
-def build_model(spec: ModelSpec, split: datasets.Split, width: float) -> nn.Module:
-    """A fresh model of ``spec`` at ``width`` for ``split``."""
-    return models.build(spec.kind, split, width)
-
-
-def describe(model: nn.Module) -> str:
-    """Short architecture description of a suite model."""
-    if isinstance(model, models.MLP):
-        return "MLP " + "-".join(str(n) for n in (model.in_features, *model.hidden, model.out_features))
-    if isinstance(model, models.Conv1dNet):
-        return f"Conv1dNet channels {list(model.channels)}"
-    if isinstance(model, models.MnistCNN):
-        return f"MnistCNN width {model.width:g} ({sum(p.numel() for p in model.parameters()):,} parameters)"
-    return type(model).__name__
 
 
 def _record_base(suite: Suite, job: Job, settings: Settings, config: dict[str, Any]) -> dict[str, Any]:
@@ -281,8 +134,24 @@ def _record_base(suite: Suite, job: Job, settings: Settings, config: dict[str, A
     }
 
 
-def run_job(suite: Suite, job: Job, settings: Settings, split: datasets.Split, timeout: float) -> dict[str, Any]:
-    """Train one job; returns a JSON-friendly record (``result`` holds RunResult.to_dict() + history)."""
+def suite_task(spec: ModelSpec, settings: Settings) -> tasks.Task:
+    """The built-in task of ``spec`` with the run settings of a suite invocation."""
+    overrides = dict(settings.overrides)
+    if settings.exclude:
+        overrides.setdefault("exclude", tuple(settings.exclude))
+    if settings.quick:  # smoke run: short dendrite phases so that pb installs within the epoch cap
+        default = DendriteConfig().max_dendrite_epochs
+        overrides["max_dendrite_epochs"] = min(overrides.get("max_dendrite_epochs", default), QUICK_DENDRITE_EPOCHS)
+    return tasks.get(spec.task, rows=1000 if settings.quick else None).with_settings(
+        lr=settings.lr, batch_size=settings.batch_size, patience=settings.patience,
+        max_epochs=settings.max_epochs, dendrites=overrides)
+
+
+def run_job(suite: Suite, job: Job, settings: Settings, timeout: float,
+            train_width: float | None = None) -> dict[str, Any]:
+    """Train one job with the trial runner's loop; returns a JSON-friendly record (``result``: the
+    scores, sizes and time of the run, and the controller's history). ``train_width``: the width
+    actually trained when it is not ``job.width`` (none-matched, recorded as ``trained_width``)."""
     spec = next(s for s in suite.models if s.name == job.model)
     cfg = mode_config(job.mode, settings.patience, job.seed, settings.exclude, dict(settings.overrides))
     if job.mode == "perforatedai":
@@ -296,20 +165,21 @@ def run_job(suite: Suite, job: Job, settings: Settings, split: datasets.Split, t
         )
         record.update(outcome)
         return record
-    if settings.quick:  # smoke run: short dendrite phases so that pb installs within the epoch cap
+    if settings.quick:
         cfg = dataclasses.replace(cfg, max_dendrite_epochs=min(cfg.max_dendrite_epochs, QUICK_DENDRITE_EPOCHS))
     record = _record_base(suite, job, settings, cfg.to_dict())
+    if train_width is not None:
+        record["trained_width"] = train_width
+    task = suite_task(spec, settings)
     try:
-        result = fit(
-            lambda: build_model(spec, split, job.width), split, cfg, lr=settings.lr,
-            batch_size=settings.batch_size, max_epochs=settings.max_epochs, seed=job.seed,
-        )
+        out = train(task, job.mode, job.seed, job.width if train_width is None else train_width,
+                    task.data(job.seed))
     except Exception as err:  # one broken run must not lose a long suite: record it, go on
         record["failed"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
         return record
-    out = result.to_dict(with_history=True)
-    out["mode"] = job.mode  # "none-long" trains in DendriteConfig mode "none"
-    record["result"] = out
+    record["result"] = {"mode": job.mode, "seed": job.seed, "dendrites": out["dendrites"],
+                        "parameters": out["parameters"], "val_score": out["val"], "test_score": out["test"],
+                        "epochs": out["epochs"], "seconds": out["seconds"], "history": out["history"]}
     return record
 
 
@@ -547,10 +417,17 @@ def render(suite: Suite, records: Sequence[Mapping[str, Any]], argv: Sequence[st
                      f"{'; gd and pb put no dendrites on ' + ', '.join(st.exclude) if st.exclude else ''}"
                      f"{'; gd and pb set ' + json.dumps(dict(st.overrides)) if st.overrides else ''}.\n")
         lines.append(mode_table(records, spec.name, spec.default_width, modes))
+        trained = sorted({float(r["trained_width"]) for r in records if r["model"] == spec.name
+                          and r["mode"] == MATCHED and "trained_width" in r})
+        if trained:
+            lines.append(f"none-matched: plain training (patience {4 * st.patience}) at width "
+                         f"{', '.join(f'{w:.4g}' for w in trained)}, the width whose parameter count is closest "
+                         "to pb's mean.\n")
         lines += _reference_lines(records, spec.name, spec.default_width)
         comps = compare(records, spec.name, spec.default_width)
-        extra = compare_pair(records, spec.name, spec.default_width, "gd", "perforatedai")
-        comps += [extra] if extra else []
+        extra = [compare_pair(records, spec.name, spec.default_width, "gd", "perforatedai")]
+        extra += [compare_pair(records, spec.name, spec.default_width, m, MATCHED) for m in ("pb", "gd")]
+        comps += [c for c in extra if c]
         summary["comparisons"][spec.name] = comps
         if comps:
             lines.append("Paired over seeds, mean test-score difference (mode - vs); vs is the better of none and "
@@ -729,6 +606,7 @@ def main(argv: Sequence[str]) -> None:
     bad = [m for m in modes if m not in KNOWN_MODES]
     if bad or not modes:
         raise ValueError(f"unknown mode(s) {bad}; known: {', '.join(KNOWN_MODES)}")
+    modes = with_matched(modes)  # a plain network of pb's size whenever gd or pb runs
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     sweep = suite.sweep_default if args.sweep is None else args.sweep
@@ -750,18 +628,17 @@ def main(argv: Sequence[str]) -> None:
         if r.get("suite") == suite.name and r.get("model") in settings and \
                 r.get("settings") == settings[r["model"]].to_dict():
             done[_key_of(r)] = r
+    matched = [Job(s.name, MATCHED, s.default_width, seed) for seed in seeds for s in suite.models] \
+        if MATCHED in modes else []
     records = [done[j.key()] for j in jobs if j.key() in done]
-    splits: dict[int, datasets.Split] = {}
     start = time.perf_counter()
     todo = [j for j in jobs if j.key() not in done]
-    print(f"apical bench {suite.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, "
-          f"{torch.get_num_threads()} thread(s), results in {out}", flush=True)
-    for i, job in enumerate(todo, 1):
-        spec_settings = settings[job.model]
-        split_seed = 0 if suite.fixed_split else job.seed
-        if split_seed not in splits:
-            splits[split_seed] = load_split(suite, job.seed, args.quick)
-        record = run_job(suite, job, spec_settings, splits[split_seed], args.reference_timeout)
+    left = todo + [j for j in matched if j.key() not in done]
+    print(f"apical bench {suite.name}: {len(jobs) + len(matched)} runs, {len(jobs) + len(matched) - len(left)} "
+          f"already done, {torch.get_num_threads()} thread(s), results in {out}", flush=True)
+
+    def execute(job: Job, i: int, train_width: float | None = None) -> None:
+        record = run_job(suite, job, settings[job.model], args.reference_timeout, train_width)
         append_jsonl(jsonl, record)
         records.append(record)
         if "result" in record:
@@ -770,9 +647,31 @@ def main(argv: Sequence[str]) -> None:
                     f"{r['epochs']} epochs, {r['seconds']:.1f} s")
         else:
             what = f"failed: {record.get('failed')}"
-        print(f"[{i}/{len(todo)}] {job.model} {job.mode} width {job.width:g} seed {job.seed}: {what}", flush=True)
+        at = f" (trained at width {train_width:.4g})" if train_width is not None else ""
+        print(f"[{i}/{len(left)}] {job.model} {job.mode} width {job.width:g}{at} seed {job.seed}: {what}", flush=True)
+
+    for i, job in enumerate(todo, 1):
+        execute(job, i)
+    count = len(todo)
+    for spec in suite.models:  # none-matched: plain, at the width with about pb's mean parameter count
+        mine = [j for j in matched if j.model == spec.name]
+        if not mine:
+            continue
+        target = next((m for m in ("pb", "gd") if m in modes), "pb")
+        counts = [r["result"]["parameters"] for r in records if r["model"] == spec.name and r["mode"] == target
+                  and float(r["width"]) == spec.default_width and "result" in r]
+        if not counts:
+            print(f"{spec.name} none-matched: skipped, no {target} run succeeded", flush=True)
+            continue
+        width = matched_width(suite_task(spec, settings[spec.name]), spec.default_width, sum(counts) / len(counts))
+        for job in mine:  # a run matched to other pb counts (fewer seeds then) is trained again
+            if job.key() in done and done[job.key()].get("trained_width") == width:
+                records.append(done[job.key()])
+            else:
+                count += 1
+                execute(job, count, width)
     elapsed = time.perf_counter() - start
-    descriptions = {s.name: describe(build_model(s, splits.get(0) or load_split(suite, 0, args.quick), s.default_width))
+    descriptions = {s.name: describe(build_model(s, load_split(suite, 0, args.quick), s.default_width))
                     for s in suite.models}
     pngs: dict[str, Any] = {"warnings": []}
     try:

@@ -94,18 +94,19 @@ def matched_width(task: Task, width: float, parameters: float, limit: float = 10
 
 
 def _progress(total: int, enabled: bool):
+    """A tqdm bar over runs on stderr (off when stderr is not a terminal), or None without tqdm."""
     if not enabled:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="run", desc="trial", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, unit="run", desc="trial", leave=False, dynamic_ncols=True, disable=None)
 
 
 def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), seeds: int | Sequence[int] = 5,
           widths: Sequence[float] = (1.0,), out: str | os.PathLike[str] | None = "trial-out", *,
-          progress: bool = False, report: bool = True, log: Callable[[str], None] | None = None,
+          progress: bool = True, report: bool = True, log: Callable[[str], None] | None = None,
           command: str | None = None,
           run_options: Callable[[str, int, float], Mapping[str, Any]] | None = None) -> TrialResult:
     """Train ``task`` in every mode on the same seeds, at every width, and compare the modes.
@@ -150,6 +151,8 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
     first = [(m, s, w) for w in width_list for s in seed_list for m in modes if m != MATCHED]
     total = len(first) + (len(seed_list) * len(width_list) if MATCHED in modes else 0)
     bar = _progress(total, progress)
+    if bar is not None and log is not None and not bar.disable:
+        say = bar.write  # log lines above the bar
     split_cache: dict[int, Splits] = {}
     results: dict[tuple[str, int, float], dict[str, Any]] = {}
 
