@@ -199,6 +199,17 @@ def test_extra_round_trips_json_values_and_tensors(tmp_path):
         k: v for k, v in extra.items() if k not in ("t", "nested")}
 
 
+def test_a_dict_key_holding_a_tensor_is_refused_at_save_and_nothing_is_written(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    path = tmp_path / "k.safetensors"
+    for key in (torch.tensor(1), (1, torch.tensor(2.0))):
+        with pytest.raises(CheckpointError, match=r"cannot save 'extra/d': a dict key holds a tensor"):
+            save(path, model, extra={"d": {key: 1}})
+        assert not path.exists()
+    save(path, model, extra={"d": {(1, ("a", None)): 2, 3.5: "x"}})  # keys made of JSON values are fine
+    assert load(path, nn.Sequential(nn.Linear(3, 2)))["d"] == {(1, ("a", None)): 2, 3.5: "x"}
+
+
 def test_tied_weights_and_plain_models(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight

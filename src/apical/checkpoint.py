@@ -161,6 +161,10 @@ class _Packer:
         if isinstance(obj, Mapping):
             if all(isinstance(k, str) and not k.startswith("__") for k in obj):
                 return {k: self.encode(v, f"{path}/{k}") for k, v in obj.items()}
+            for k in obj:
+                if _holds_tensor(k):
+                    raise CheckpointError(f"cannot save {path!r}: a dict key holds a tensor ({type(k).__name__}); "
+                                          "keys must be None, bool, int, float, str or tuples of them")
             return {"__dict__": [[self.encode(k, f"{path}/key"), self.encode(v, f"{path}/{k}")]
                                  for k, v in obj.items()]}
         if isinstance(obj, list):
@@ -171,6 +175,11 @@ class _Packer:
             f"cannot save {path!r}: a {type(obj).__name__} is neither a tensor nor a JSON value "
             "(None, bool, int, float, str, list, tuple, dict)"
         )
+
+
+def _holds_tensor(key: Any) -> bool:
+    """A dict key that is a tensor or a tuple holding one (a load could not rebuild it)."""
+    return isinstance(key, Tensor) or isinstance(key, tuple) and any(_holds_tensor(k) for k in key)
 
 
 def _unpack(obj: Any, tensors: dict[str, Tensor], used: set[str]) -> Any:
@@ -204,7 +213,7 @@ def _unpack(obj: Any, tensors: dict[str, Tensor], used: set[str]) -> Any:
         if not (isinstance(pair, list) and len(pair) == 2):
             raise ValueError("__dict__ entries must be [key, value] pairs")
         key = _unpack(pair[0], tensors, used)
-        if isinstance(key, (list, dict, Tensor)) or key in out:
+        if isinstance(key, (list, dict)) or _holds_tensor(key) or key in out:
             raise ValueError(f"bad or repeated dict key {key!r}")
         out[key] = _unpack(pair[1], tensors, used)
     return out

@@ -625,8 +625,9 @@ def main(argv: Sequence[str]) -> None:
     jobs = plan(suite, modes, seeds, args.widths, sweep, args.pb_widths, args.sweep_long)
     done = {}
     for r in read_jsonl(jsonl):  # a record counts only if it was made with the same settings
+        stored = {"exclude": [], **(r.get("settings") or {})}  # records from before --exclude lack it
         if r.get("suite") == suite.name and r.get("model") in settings and \
-                r.get("settings") == settings[r["model"]].to_dict():
+                stored == settings[r["model"]].to_dict():
             done[_key_of(r)] = r
     matched = [Job(s.name, MATCHED, s.default_width, seed) for seed in seeds for s in suite.models] \
         if MATCHED in modes else []
