@@ -210,6 +210,25 @@ def test_a_dict_key_holding_a_tensor_is_refused_at_save_and_nothing_is_written(t
     assert load(path, nn.Sequential(nn.Linear(3, 2)))["d"] == {(1, ("a", None)): 2, 3.5: "x"}
 
 
+def test_module_names_that_read_as_regexes_load_into_a_fresh_model(tmp_path):
+    """Saved without a controller, a fresh load perforates by the saved layer names: they are names,
+    not patterns ("fc.1" must not also select "fcx1"; "a(b" is no valid regex)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"fc": nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), "fcx1": nn.Linear(4, 2),
+                              "a(b": nn.Linear(2, 2)})
+
+    model = build()
+    perforate(model, DendriteConfig(mode="gd", include=[r"fc\.1", r"a\(b"]))
+    for _, layer in dendritic_layers(model):
+        layer.install_random(1.0, torch.Generator().manual_seed(1))
+    save(tmp_path / "r.safetensors", model)
+    fresh = build()
+    load(tmp_path / "r.safetensors", fresh)
+    assert sorted(n for n, _ in dendritic_layers(fresh)) == ["a(b", "fc.1"]
+    _assert_same_state(fresh, model)
+
+
 def test_tied_weights_and_plain_models(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight

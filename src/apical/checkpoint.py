@@ -62,6 +62,7 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import stat
 from collections import defaultdict
@@ -325,7 +326,8 @@ def _config_for(model: nn.Module, controller: Controller | None) -> DendriteConf
     first = layers[0][1]
     return DendriteConfig(
         mode="pb" if first.perforated else "gd", activation=first.activation, normaliser=first.normaliser,
-        centring=first.centring, candidate_lr_scale=first.candidate_scale, include=[name for name, _ in layers],
+        centring=first.centring, candidate_lr_scale=first.candidate_scale,
+        include=[re.escape(name) for name, _ in layers],  # names, not patterns: "fc.1" must not match "fcx1"
     )
 
 
@@ -579,7 +581,7 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
         geometry = {n: (layer.out_channels, layer.weight_tail, layer.neuron_weight()) for n, layer in current.items()}
     elif record:
         activations = {entry["activation"] for entry in info.values()}
-        data = dict(config_dict, include=roots_for(model, record), exclude=[])
+        data = dict(config_dict, include=[re.escape(n) for n in roots_for(model, record)], exclude=[])
         try:
             perforate_config = DendriteConfig.from_dict(data)
         except (ValueError, TypeError) as err:
