@@ -446,3 +446,35 @@ def test_finish_before_any_epoch_scores_nan():
     assert step.done and not step.restructured and step.event == "finish,done" and step.epoch == 0
     assert np.isnan(step.score) and step.best_score is None
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+class _WithExtraState(nn.Linear):
+    """A layer whose state_dict holds a non-tensor extra state (get_extra_state)."""
+
+    def __init__(self):
+        super().__init__(3, 2)
+        self.info = {"seen": 0}
+
+    def get_extra_state(self):
+        return dict(self.info)
+
+    def set_extra_state(self, state):
+        self.info = dict(state)
+
+
+def test_snapshots_keep_a_modules_extra_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), _WithExtraState())
+    ctl = Controller(model, DendriteConfig(mode="none", patience=1))
+    x = torch.randn(8, 4)
+    model[2].info["seen"] = 1
+    model(x)
+    assert ctl.step(0.9).event == "improved"  # the best network, extra state included, is snapshotted
+    best = {k: v.clone() for k, v in model.state_dict().items() if k != "2._extra_state"}
+    model[2].info["seen"] = 2
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model(x)
+    assert ctl.step(0.1).done  # worse, patience 1: done, the best network is back
+    assert model[2].info == {"seen": 1}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -379,8 +380,10 @@ class Controller:
                 elif neuron and name in self._bn_momentum:
                     module.momentum = self._bn_momentum.pop(name)
 
-    def _snapshot(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def _snapshot(self) -> dict[str, Any]:
+        # a module's extra state (get_extra_state) may be any picklable value, not a tensor
+        return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                for k, v in self.model.state_dict().items()}
 
     def _load(self, state: dict[str, Tensor] | None) -> None:
         if state is not None:
