@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -180,3 +182,21 @@ def test_unwrap_refusal_names_at_most_five_layers_and_the_way_out():
     assert all(isinstance(m, apical.DendriticLinear) for m in net)  # nothing changed
     apical.unwrap(net, force=True)
     assert all(type(m) is nn.Linear for m in net)
+
+
+def test_an_exclusion_that_cannot_take_effect_is_an_error():
+    def build():
+        return nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 2))
+
+    for name in ("0.q_proj", "0.v_proj", "0.out_proj"):  # inside the attention, which is wrapped whole
+        with pytest.raises(apical.PerforationError, match=rf"exclude: '{re.escape(name)}' sits inside '0' "
+                           r"\(MultiheadAttention\).*exclude '0'"):
+            apical.perforate(build(), DendriteConfig(exclude=[name]))
+    with pytest.raises(apical.PerforationError, match="exclude: 'fc9' matches no module"):
+        apical.perforate(build(), DendriteConfig(exclude=["fc9"]))
+    net = build()
+    apical.perforate(net, DendriteConfig(exclude=["0"]))  # the whole attention: honoured
+    assert [n for n, _ in apical.dendritic_layers(net)] == ["1"]
+    net = build()
+    apical.perforate(net, DendriteConfig(exclude=["0", "0.out_proj"]))  # inside an excluded root: fine
+    assert [n for n, _ in apical.dendritic_layers(net)] == ["1"]

@@ -121,6 +121,22 @@ def _select(model: nn.Module, config: DendriteConfig) -> list[str]:
                         f"{[(n, type(names[n]).__name__) for n in hits][:5]}"
                     )
             selected.extend(n for n in good if n not in selected)
+    for sel in config.exclude:  # an exclusion that cannot take effect is an error, as a bad include is
+        if isinstance(sel, type):
+            continue
+        hits = [n for n, m in names.items() if n and _matches(n, m, sel)]
+        parent, _, leaf = sel.rpartition(".")
+        if not hits and not (leaf in ("q_proj", "k_proj", "v_proj")
+                             and isinstance(names.get(parent), nn.MultiheadAttention)):
+            raise PerforationError(f"exclude: {sel!r} matches no module of the model; names look like "
+                                   f"{[n for n in names if n][:5]}")
+        inner = [n for n in hits if n in opaque] or ([] if hits else [sel])
+        for n in inner:
+            root = next((r for r in selected if n.startswith(r + ".")), None)
+            if root is not None and not any(_matches(root, names[root], s) for s in config.exclude):
+                raise PerforationError(
+                    f"exclude: {n!r} sits inside {root!r} ({type(names[root]).__name__}), which reads its "
+                    f"weights directly and is wrapped as a whole; exclude {root!r} to leave it without dendrites")
     selected = [
         n for n in selected if not any(_matches(n, names[n], sel) for sel in config.exclude)
     ]
