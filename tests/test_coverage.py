@@ -15,7 +15,7 @@ class Mixed(nn.Module):
         self.emb = nn.Embedding(10, 8)  # 80: not a layer
         self.norm = nn.LayerNorm(8)  # 16: not a layer
         self.fc = nn.Linear(8, 8)  # 72
-        self.rnn = nn.GRU(8, 4)  # 3 * 4 * (8 + 4) + 2 * 3 * 4 = 168
+        self.bil = nn.Bilinear(4, 5, 8)  # unsupported: 8 * 4 * 5 + 8 = 168
         self.skip = nn.Linear(8, 3)  # 27
         self.head = nn.Linear(8, 10, bias=False)  # tied to emb: 80, counted once, for the wrapped holder
         self.head.weight = self.emb.weight
@@ -30,14 +30,14 @@ def test_reasons_and_fraction_against_hand_counts():
         "emb": (0, False, False, "embedding: a lookup table, no neurons"),  # its table counts for head
         "norm": (16, False, False, "no weight matrix (a norm's scale, a bias or a scalar)"),
         "fc.base": (72, True, True, "wrapped (DendriticLinear)"),
-        "rnn": (168, True, False, "unsupported type GRU"),
+        "bil": (168, True, False, "unsupported type Bilinear"),
         "skip": (27, True, False, "excluded by config.exclude"),
         "head.base": (80, True, True, "wrapped (DendriticLinear)"),
     }
     assert rep.layer_parameters == 72 + 168 + 27 + 80 and rep.wrapped_parameters == 152
     assert rep.fraction == pytest.approx(152 / 347)
     assert rep.unreachable_parameters == 168
-    assert [e.name for e in rep.left_out] == ["rnn", "skip"]
+    assert [e.name for e in rep.left_out] == ["bil", "skip"]
     assert "43.8% of the layer parameters" in rep.summary()
     assert apical.Coverage.from_rows(rep.to_rows()) == rep
 
@@ -56,9 +56,9 @@ def test_unperforated_lazy_and_opaque_modules():
 
 
 def test_perforate_logs_a_summary_and_warns_only_when_most_parameters_are_unreachable(caplog, recwarn):
-    big = nn.Sequential(nn.Linear(2, 2), nn.GRU(2, 32))
+    big = nn.Sequential(nn.Linear(2, 2), nn.Bilinear(2, 2, 32))
     with caplog.at_level(logging.INFO, logger="apical"):
-        with pytest.warns(UserWarning, match="unsupported type GRU"):
+        with pytest.warns(UserWarning, match="unsupported type Bilinear"):
             apical.perforate(big)
     lines = [r.getMessage() for r in caplog.records if r.name == "apical"]
     assert len(lines) == 1 and lines[0].startswith("perforate: dendrites on 1 module(s)")
@@ -70,14 +70,14 @@ def test_perforate_logs_a_summary_and_warns_only_when_most_parameters_are_unreac
 
 
 def test_inspect_shows_the_coverage_of_a_checkpoint(tmp_path, capsys):
-    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LSTM(4, 4))
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Bilinear(3, 5, 10))  # 20 wrapped, 160 not
     with pytest.warns(UserWarning):
         apical.perforate(net)
     apical.save(tmp_path / "c.safetensors", net)
     assert main(["inspect", str(tmp_path / "c.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "coverage: dendrites on 1 module(s) holding 11.1% of the layer parameters (20 of 180)" in out
-    assert "unsupported type LSTM" in out
+    assert "unsupported type Bilinear" in out
 
 
 def test_table_and_text_against_a_hand_written_report():
@@ -89,7 +89,7 @@ def test_table_and_text_against_a_hand_written_report():
         ("emb", "Embedding", "0", "-", "no", "embedding: a lookup table, no neurons"),
         ("norm", "LayerNorm", "16", "-", "no", "no weight matrix (a norm's scale, a bias or a scalar)"),
         ("fc.base", "Linear", "72", "yes", "yes", "wrapped (DendriticLinear)"),
-        ("rnn", "GRU", "168", "yes", "no", "unsupported type GRU"),
+        ("bil", "Bilinear", "168", "yes", "no", "unsupported type Bilinear"),
         ("skip", "Linear", "27", "yes", "no", "excluded by config.exclude"),
         ("head.base", "Linear", "80", "yes", "yes", "wrapped (DendriticLinear)"),
     ]
@@ -99,7 +99,7 @@ def test_table_and_text_against_a_hand_written_report():
     assert rep.table() == want
     assert str(rep) == rep.summary() + "\n" + want
     assert rep.summary() == ("dendrites on 2 module(s) holding 43.8% of the layer parameters (152 of 347); left out "
-                             "2 layer module(s): unsupported type GRU (168); excluded by config.exclude (27)")
+                             "2 layer module(s): unsupported type Bilinear (168); excluded by config.exclude (27)")
     big = apical.Coverage.from_rows([["big", "Linear", 1234567, True, True, "wrapped (DendriticLinear)"]])
     assert big.table().splitlines()[1].split()[2] == "1,234,567"
     with pytest.raises(ValueError):  # a row of the wrong length is refused, not silently cut

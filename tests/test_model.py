@@ -18,6 +18,7 @@ class Net(nn.Module):
         self.drop = nn.Dropout(0.1)
         self.head = nn.Linear(8, 3)
         self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.bil = nn.Bilinear(8, 8, 20)  # unsupported, and most of the layer parameters (not in forward)
 
     def forward(self, img, seq):
         h = self.bn(self.conv(img)).mean((2, 3))  # [N, 4]
@@ -31,10 +32,11 @@ def test_default_wraps_linear_and_conv_keeping_parameters():
     net = Net()
     refs = {n: p for n, p in net.named_parameters()}
     attn = net.attn
-    with pytest.warns(UserWarning, match="unsupported type GRU"):  # the GRU holds most parameters
+    with pytest.warns(UserWarning, match="unsupported type Bilinear"):  # it holds most parameters
         apical.perforate(net, DendriteConfig())
     names = [n for n, _ in apical.dendritic_layers(net)]
-    assert names == ["conv", "attn.out_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj", "fc1", "head"]
+    assert names == ["conv", "attn.out_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj", "fc1", "head",
+                     "rnn.cell_l0"]
     assert net.fc1.base.weight is refs["fc1.weight"]
     assert net.conv.base.bias is refs["conv.bias"]
     assert net.attn is attn and isinstance(attn, nn.MultiheadAttention)  # the same object, dendrites inside
@@ -57,8 +59,8 @@ def test_include_exclude_by_type_name_and_regex():
     "include, message",
     [
         (["nothere"], "matches no module"),
-        (["rnn"], "cannot wrap 'rnn'"),
-        ([nn.GRU], "cannot wrap GRU"),
+        (["bil"], "cannot wrap 'bil'"),
+        ([nn.Bilinear], "cannot wrap Bilinear"),
         (["attn.out_proj"], "reads its weights directly"),
         (["dr.p"], "only modules apical cannot wrap"),
     ],
@@ -74,7 +76,7 @@ def test_bad_selections_are_refused_without_changes(include, message):
 
 def test_model_with_nothing_to_wrap():
     with pytest.raises(PerforationError, match="nothing to wrap"):
-        apical.perforate(nn.Sequential(nn.ReLU(), nn.GRU(3, 3)))
+        apical.perforate(nn.Sequential(nn.ReLU(), nn.Bilinear(3, 3, 3)))
 
 
 def test_perforating_twice_is_refused_and_unwrap_undoes():

@@ -27,7 +27,9 @@ be run under ``torch.compile(fullgraph=True)``, traced with ``torch.jit.trace`` 
 with ``torch.onnx.export``. One exception: an ``nn.MultiheadAttention`` that carried dendrites
 stays a :class:`~apical.dendrites.attention.DendriticMultiheadAttention` (its projections fused
 as above; one without installed sets reads the attention's own weights), whose forward is
-apical's re-statement of the attention's; graph capture of it is not tested yet.
+apical's re-statement of the attention's; graph capture of it is not tested yet. Likewise a
+recurrent layer or cell with installed dendrites stays apical's (its step loop with the installed
+sets, candidates dropped); one without becomes the plain ``nn.GRU`` (etc.) with its fused kernel.
 
 Gradient flow is not preserved: a fused layer's parameters are ordinary trainable Parameters, so
 fine-tuning the export trains the dendrites' input weights like the base weights (no
@@ -46,6 +48,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from apical.dendrites.attention import DendriticProjection
 from apical.dendrites.layer import ACTIVATION_FNS, DendriticConv, DendriticLayer, DendriticLinear
+from apical.dendrites.recurrent import DendriticRecurrentCell, _CellWeights, _DendriticRecurrent
 
 __all__ = ["FusedDendriticConv", "FusedDendriticLinear", "export", "fuse_layer"]
 
@@ -228,6 +231,10 @@ def fuse_layer(layer: DendriticLayer) -> nn.Module:
     module when it has no installed dendrites (candidates are ignored)."""
     if layer.num_dendrites == 0:
         return _plain_copy(layer.base).eval()
+    if isinstance(layer, DendriticRecurrentCell):  # the step with its installed sets: no fused form
+        dup = copy.deepcopy(layer)
+        dup.drop_candidates()
+        return dup.eval()
     if isinstance(layer, DendriticLinear):
         fused: nn.Module = FusedDendriticLinear(layer)
     elif isinstance(layer, DendriticConv):
@@ -264,6 +271,8 @@ def _plain_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, DendriticProjection) and module.num_dendrites == 0:
             memo[id(module)] = None  # the attention computes the projection from its own weights
             continue
+        if isinstance(module, DendriticRecurrentCell) and isinstance(module.base, _CellWeights):
+            continue  # one layer and direction of an nn.RNN/GRU/LSTM: copied with it, tidied below
         if isinstance(module, DendriticLayer):
             memo[id(module)] = fuse_layer(module)
             continue
@@ -275,7 +284,14 @@ def _plain_copy(model: nn.Module) -> nn.Module:
             computed = getattr(module, hook.name, None) if isinstance(hook, _KEPT_HOOK_TYPES) else None
             if isinstance(computed, Tensor) and not computed.is_leaf:
                 memo[id(computed)] = computed.detach().clone()
-    return copy.deepcopy(model, memo)
+    dup = copy.deepcopy(model, memo)
+    for module in list(dup.modules()):
+        if isinstance(module, _DendriticRecurrent):
+            for cell in module.cells():
+                cell.drop_candidates()
+            if not any(cell.num_dendrites for cell in module.cells()):
+                module.unwrapped()  # back to the plain module and its fused kernel
+    return dup
 
 
 def export(model: nn.Module) -> nn.Module:

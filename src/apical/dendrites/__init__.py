@@ -15,6 +15,7 @@ from apical.dendrites.model import (
     structure,
     unwrap,
 )
+from apical.dendrites.recurrent import DendriticGRU, DendriticLSTM, DendriticRecurrentCell, DendriticRNN
 from apical.dendrites.registry import LayerRegistry, layer_registry, register_layer, unregister_layer
 
 __all__ = [
@@ -23,10 +24,14 @@ __all__ = [
     "CoverageEntry",
     "DendriteConfig",
     "DendriticConv",
+    "DendriticGRU",
+    "DendriticLSTM",
     "DendriticLayer",
     "DendriticLinear",
     "DendriticMultiheadAttention",
     "DendriticProjection",
+    "DendriticRNN",
+    "DendriticRecurrentCell",
     "DendriticTransposedLinear",
     "LayerRegistry",
     "PerforationError",

@@ -12,6 +12,7 @@ from apical.dendrites.attention import DendriticMultiheadAttention
 from apical.dendrites.config import DendriteConfig
 from apical.dendrites.layer import DendriticLayer
 from apical.dendrites.model import _matches, _opaque_children, _why_not
+from apical.dendrites.recurrent import _DendriticRecurrent
 from apical.dendrites.registry import is_dendritic_root
 
 __all__ = ["Coverage", "CoverageEntry", "coverage"]
@@ -122,8 +123,9 @@ def _is_layer(module: nn.Module, own: list[nn.Parameter]) -> tuple[bool, str | N
 def coverage(model: nn.Module, config: DendriteConfig | None = None) -> Coverage:
     """Every module of ``model`` that holds parameters of its own, wrapped or not, with the reason.
 
-    On a perforated model, the wrapped modules (the ``base`` of each dendritic layer, and each
-    ``nn.MultiheadAttention`` with dendrites on its projections) say ``wrapped``; the others say
+    On a perforated model, the wrapped modules (the ``base`` of each dendritic layer, each
+    ``nn.MultiheadAttention`` with dendrites on its projections, each ``nn.RNN/GRU/LSTM`` with
+    dendritic cells) say ``wrapped``; the others say
     why not: an unsupported type, a lazy layer not yet initialised, a module inside one that reads
     its weights directly, ``exclude``/``include`` of ``config`` (when given), an embedding table or
     a module without a weight matrix (those two do not count as layer parameters). The dendrites'
@@ -150,6 +152,8 @@ def coverage(model: nn.Module, config: DendriteConfig | None = None) -> Coverage
             return True, f"wrapped ({type(parent).__name__})"
         if isinstance(module, DendriticMultiheadAttention):
             return True, "wrapped (q, k, v projections)"
+        if isinstance(module, _DendriticRecurrent):
+            return True, "wrapped (a dendritic cell per layer and direction)"
         if any(name.startswith(r + ".") for r in dendritic_roots):
             return False, "inside a wrapped module"
         if name in opaque:

@@ -6,7 +6,8 @@ any class with the same classmethods ``unsupported``, ``wrap`` and ``planned_lay
 type's MRO, so a subclass of a registered type is wrapped by the same class unless it has an
 entry of its own.
 
-Built-in entries: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.MultiheadAttention``, and, by
+Built-in entries: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.MultiheadAttention``, ``nn.RNNCell``,
+``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNN``, ``nn.GRU``, ``nn.LSTM``, and, by
 qualified name so that the packages stay optional and are never imported by apical,
 ``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers, weight stored ``[in, out]``) and
 ``torch_geometric.nn.Linear``. A user adds a kind with :func:`register_layer` (for a module that
@@ -25,6 +26,13 @@ from torch import nn
 
 from apical.dendrites.attention import DendriticMultiheadAttention
 from apical.dendrites.layer import DendriticConv, DendriticLayer, DendriticLinear, DendriticTransposedLinear
+from apical.dendrites.recurrent import (
+    DendriticGRU,
+    DendriticLSTM,
+    DendriticRecurrentCell,
+    DendriticRNN,
+    _DendriticRecurrent,
+)
 
 __all__ = ["LayerRegistry", "layer_class_for", "layer_registry", "register_layer", "unregister_layer"]
 
@@ -98,7 +106,10 @@ class LayerRegistry:
 
 layer_registry = LayerRegistry()
 for _type, _cls in ((nn.Linear, DendriticLinear), (nn.Conv1d, DendriticConv), (nn.Conv2d, DendriticConv),
-                    (nn.Conv3d, DendriticConv), (nn.MultiheadAttention, DendriticMultiheadAttention)):
+                    (nn.Conv3d, DendriticConv), (nn.MultiheadAttention, DendriticMultiheadAttention),
+                    (nn.RNNCell, DendriticRecurrentCell), (nn.GRUCell, DendriticRecurrentCell),
+                    (nn.LSTMCell, DendriticRecurrentCell), (nn.RNN, DendriticRNN), (nn.GRU, DendriticGRU),
+                    (nn.LSTM, DendriticLSTM)):
     layer_registry.register(_type, _cls)
 layer_registry.register_by_name("transformers.pytorch_utils.Conv1D", DendriticTransposedLinear)
 layer_registry.register_by_name("torch_geometric.nn.dense.linear.Linear", DendriticLinear)
@@ -127,4 +138,4 @@ def layer_class_for(module: nn.Module) -> type | None:
 
 def is_dendritic_root(module: nn.Module) -> bool:
     """True for a module that perforate put in place of an original one."""
-    return isinstance(module, (DendriticLayer, DendriticMultiheadAttention))
+    return isinstance(module, (DendriticLayer, DendriticMultiheadAttention, _DendriticRecurrent))

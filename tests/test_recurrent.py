@@ -1,0 +1,350 @@
+"""Dendrites on recurrent layers: function kept, coverage, the step math against a hand-written GRU
+and LSTM, statistics over batch x time against numpy, pb's cut error paths, a pb cycle, checkpoint,
+export and unwrap."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import apical
+from apical.dendrites.recurrent import DendriticGRU, DendriticLSTM, DendriticRecurrentCell
+
+
+def _flat(out) -> torch.Tensor:
+    if isinstance(out, tuple):
+        return torch.cat([_flat(t) for t in out])
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        return out.data.flatten()
+    return out.flatten()
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        _, (h, _) = self.rnn(x)
+        return self.head(h[-1])
+
+
+class BiGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(6, 8, bidirectional=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.transpose(0, 1))
+        return self.head(out[-1])
+
+
+class CellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRUCell(6, 8)
+        self.lstm = nn.LSTMCell(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = hc = None
+        for t in range(x.shape[1]):
+            h = self.gru(x[:, t], h)
+            hc = self.lstm(h, hc)
+        return self.head(hc[0])
+
+
+MODELS = {"lstm": LSTMClassifier, "bigru": BiGRU, "cells": CellLoop}
+
+
+def _perforated(name, mode="gd", **cfg):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    reference = copy.deepcopy(model)
+    params = {id(p) for p in model.parameters()}
+    config = apical.DendriteConfig(mode=mode, seed=0, **cfg)
+    apical.perforate(model, config)
+    return model, reference, params, config
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_function_kept_and_every_recurrent_parameter_in_a_wrapped_layer(name):
+    model, reference, params, _ = _perforated(name)
+    x = torch.randn(5, 7, 6)
+    report = apical.coverage(model)
+    assert report.fraction >= 0.95, report.summary()
+    assert params <= {id(p) for p in model.parameters()}  # the original Parameter objects are kept
+    for _, layer in apical.dendritic_layers(model):
+        layer.install_random(1.0, torch.Generator().manual_seed(1))  # gd: v = 0 keeps the function
+    assert (model(x) - reference(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("build,args", [
+    (lambda: nn.GRU(5, 4, num_layers=2, bidirectional=True), ()),
+    (lambda: nn.LSTM(5, 4, num_layers=2, batch_first=True, bidirectional=True), ()),
+    (lambda: nn.RNN(5, 4, nonlinearity="relu", num_layers=2), ()),
+    (lambda: nn.GRU(5, 4, num_layers=2), ("h0",)),
+    (lambda: nn.LSTM(5, 4, num_layers=2), ("h0c0",)),
+    (lambda: nn.GRU(5, 4, bidirectional=True), ("packed",)),
+    (lambda: nn.LSTM(5, 4, bidirectional=True, num_layers=2), ("packed",)),
+    (lambda: nn.GRU(5, 4), ("unbatched",)),
+])
+def test_step_loop_equals_the_fused_kernel_in_every_input_form(build, args):
+    torch.manual_seed(0)
+    plain = build()
+    box = nn.Sequential(copy.deepcopy(plain))
+    apical.perforate(box, apical.DendriteConfig(mode="gd"))
+    for _, layer in apical.dendritic_layers(box):
+        layer.install_random(1.0, torch.Generator().manual_seed(1))
+    wrapped = box[0]
+    x = torch.randn(7, 3, 5)
+    extra = ()
+    if "h0" in args:
+        extra = (torch.randn(2, 3, 4),)
+    if "h0c0" in args:
+        extra = ((torch.randn(2, 3, 4), torch.randn(2, 3, 4)),)
+    if "packed" in args:
+        x = pack_padded_sequence(x, torch.tensor([7, 3, 5]), enforce_sorted=False)
+    if "unbatched" in args:
+        x = x[:, 0]
+    assert any(c.num_dendrites for c in wrapped.cells())  # so the step loop runs, not the kernel
+    assert (_flat(wrapped(x, *extra)) - _flat(plain(x, *extra))).abs().max() < 1e-5
+
+
+def _hand_gru(x, h0, w_ih, w_hh, b_ih, b_hh, dend):
+    """A GRU written out: gates s_t (kept for their gradient) with dendrite terms dend(x_t, h_{t-1})."""
+    h, hs, ss = h0, [], []
+    n = h0.shape[1]
+    for t in range(x.shape[0]):
+        gi, gh = x[t] @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+        s = torch.cat([gi[:, :2 * n] + gh[:, :2 * n], gi[:, 2 * n:]], 1) + dend(x[t], h)
+        s.retain_grad()
+        ss.append(s)
+        r, z = torch.sigmoid(s[:, :n]), torch.sigmoid(s[:, n:2 * n])
+        cand = torch.tanh(s[:, 2 * n:] + r * gh[:, 2 * n:])
+        h = (1 - z) * cand + z * h
+        hs.append(h)
+    return torch.stack(hs), ss
+
+
+def _gru_cell_model(dendrites: int):
+    torch.manual_seed(3)
+    gru = nn.GRU(4, 3)
+    box = nn.Sequential(gru)
+    cfg = apical.DendriteConfig(mode="pb", seed=0, candidates=3)
+    apical.perforate(box, cfg)
+    cell = gru.cell_l0
+    for k in range(dendrites):
+        cell.install_random(2.0, torch.Generator().manual_seed(10 + k))
+        with torch.no_grad():
+            cell.dendrite_out.normal_(generator=torch.Generator().manual_seed(20 + k))
+            cell.dendrite_cascade.normal_(generator=torch.Generator().manual_seed(30 + k))
+    return gru, cell
+
+
+def _dend_term(cell, detach, v=None):
+    """sum_k v_k a_k of the installed sets, written out (inputs detached as pb does, or not)."""
+    v = cell.dendrite_out if v is None else v
+
+    def term(x, h):
+        u = torch.cat([x, h], 1)
+        u = u.detach() if detach else u
+        w, b, casc = cell.dendrite_weight.detach(), cell.dendrite_bias.detach(), cell.dendrite_cascade.detach()
+        acts, out = [], 0
+        for k in range(w.shape[0]):
+            pre = u @ w[k].T + b[k]
+            for e in range(k):
+                pre = pre + casc[k, e] * acts[e]
+            acts.append(torch.sigmoid(pre))
+            out = out + v[k] * acts[k]
+        return out
+    return term
+
+
+def test_a_gru_with_dendrites_computes_the_documented_function_and_pb_cuts_their_error_paths():
+    gru, cell = _gru_cell_model(2)
+    gru.train()
+    cell.set_training_mode("neuron", perforated=True)
+    x = torch.randn(6, 5, 4, requires_grad=True)
+    h0 = torch.randn(1, 5, 3, requires_grad=True)
+    out, hn = gru(x, h0)
+    (out.square().sum() + hn.sum()).backward()
+    xr, hr = x.detach().clone().requires_grad_(), h0.detach().clone().requires_grad_()
+    v_ref = cell.dendrite_out.detach().clone().requires_grad_()
+    ref_out, _ = _hand_gru(xr, hr[0], gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0,
+                           _dend_term(cell, detach=True, v=v_ref))
+    assert torch.allclose(out, ref_out, atol=1e-6)
+    (ref_out.square().sum() + ref_out[-1].sum()).backward()
+    # no error through the dendrites into the inputs or earlier steps: the same gradients as the cut model
+    assert torch.allclose(x.grad, xr.grad, atol=1e-6) and torch.allclose(h0.grad, hr.grad, atol=1e-6)
+    assert torch.allclose(cell.dendrite_out.grad, v_ref.grad, atol=1e-6)
+    assert cell.dendrite_weight.grad is None  # frozen in the neuron phase
+
+
+def test_gd_lets_the_error_through_the_dendrites():
+    gru, cell = _gru_cell_model(1)
+    cell.set_training_mode("neuron", perforated=False)
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    gru(x)[0].sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    ref, _ = _hand_gru(xr, torch.zeros(2, 3), gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0,
+                       _dend_term(cell, detach=False))
+    ref.sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-6)
+
+
+def test_candidate_statistics_are_numpys_over_batch_and_time():
+    gru, cell = _gru_cell_model(1)
+    cell.add_candidates(3, 1.5, torch.Generator().manual_seed(7))
+    cell.set_training_mode("dendrite", perforated=True)
+    gru.train()
+    x = torch.randn(6, 5, 4)
+    out, _ = gru(x)
+    target = torch.randn_like(out)
+    ((out - target) ** 2).sum().backward()
+    m = cell.stats.moments()
+    # the same errors from the hand-written GRU, and the candidates' outputs from their weights
+    ref_out, ss = _hand_gru(x, torch.zeros(5, 3), gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0,
+                            gru.bias_hh_l0, _dend_term(cell, detach=True))
+    ((ref_out - target) ** 2).sum().backward()
+    d = torch.stack([s.grad for s in ss]).reshape(-1, 9).double().numpy()  # [T*B, 3H]
+    hs = torch.cat([torch.zeros(1, 5, 3), ref_out[:-1]]).detach()
+    u = torch.cat([x, hs], 2).reshape(-1, 7)
+    cw, cb, cu = (t.detach() for t in cell.candidate_tensors())
+    w, b, casc = cell.dendrite_weight.detach(), cell.dendrite_bias.detach(), cell.dendrite_cascade.detach()
+    a_inst = torch.sigmoid(u @ w[0].T + b[0])  # the one installed set
+    a = torch.sigmoid(torch.einsum("pi,coi->pco", u, cw) + cb + cu[:, 0] * a_inst[:, None]).double().numpy()
+    assert casc.shape == (1, 1, 9)
+    n = d.shape[0]
+    cov = ((a - a.mean(0)) * (d - d.mean(0))[:, None]).sum(0) / n
+    assert cell.stats.n == n == 30
+    # float32 forward passes on both sides: agreement to 1e-5 of each quantity's scale
+    np.testing.assert_allclose(m["mean_d"].numpy(), d.mean(0), atol=1e-5 * np.abs(d.mean(0)).max())
+    np.testing.assert_allclose(m["cov"].numpy(), cov, atol=1e-5 * np.abs(cov).max())
+    np.testing.assert_allclose(m["var_a"].numpy(), a.var(0), atol=1e-5 * a.var(0).max())
+
+
+def _digits_rows():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 8, 8)[:600], torch.tensor(y)[:600]
+
+
+class RowGRU(nn.Module):
+    """Digits read row by row by a GRU, then an LSTM cell over the GRU's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 6, batch_first=True)
+        self.cell = nn.LSTMCell(6, 6)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        state = None
+        for t in range(out.shape[1]):
+            state = self.cell(out[:, t], state)
+        return self.head(state[0])
+
+
+def test_a_pb_cycle_grows_a_set_in_every_recurrent_layer_and_a_fresh_model_loads_it(tmp_path):
+    pytest.importorskip("sklearn")
+    x, y = _digits_rows()
+    torch.manual_seed(0)
+    model = RowGRU()
+    cfg = apical.DendriteConfig(mode="pb", seed=0, patience=1, candidates=2, max_dendrites=1, dendrite_patience=1,
+                                min_dendrite_epochs=1, max_dendrite_epochs=2, improvement_threshold=0.0)
+    apical.perforate(model, cfg)
+    ctl = apical.Controller(model, cfg)
+    opt = torch.optim.Adam(ctl.parameters(), lr=1e-2)
+    for _ in range(12):
+        model.train()
+        for i in range(0, 600, 100):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
+            opt.step()
+        # a scripted score: flat until a set is installed (a plateau, then a dendrite phase on the real
+        # data's errors), better after it (so the set is kept)
+        step = ctl.step(0.5 if ctl.dendrites == 0 else 0.9)
+        if step.restructured:
+            opt = torch.optim.Adam(ctl.parameters(), lr=1e-2)
+        if step.done:
+            break
+    layers = dict(apical.dendritic_layers(model))
+    assert set(layers) == {"rnn.cell_l0", "cell", "head"}
+    grown = {n: layer.num_dendrites for n, layer in layers.items()}
+    assert all(d == 1 for d in grown.values()), grown
+    model.eval()
+    with torch.no_grad():
+        expected = model(x[:50])
+    apical.save(tmp_path / "rnn.safetensors", model, ctl)
+    torch.manual_seed(9)
+    fresh = RowGRU()
+    apical.load(tmp_path / "rnn.safetensors", fresh)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x[:50]), expected)
+        exported = apical.export(model)
+        assert torch.allclose(exported(x[:50]), expected, atol=1e-6)
+    assert isinstance(exported.rnn, DendriticGRU) and isinstance(exported.cell, DendriticRecurrentCell)
+    assert all(c.num_candidates == 0 for c in exported.rnn.cells())
+    plain = apical.unwrap(copy.deepcopy(model), force=True)
+    assert type(plain.rnn) is nn.GRU and type(plain.cell) is nn.LSTMCell and not hasattr(plain.rnn, "cell_l0")
+
+
+def test_export_and_unwrap_without_dendrites_give_the_plain_modules_back():
+    model, reference, _, _ = _perforated("lstm")
+    assert isinstance(model.rnn, DendriticLSTM)
+    exported = apical.export(model)
+    assert type(exported.rnn) is nn.LSTM and type(exported.head) is nn.Linear
+    x = torch.randn(2, 5, 6)
+    assert torch.allclose(exported(x), reference.eval()(x), atol=1e-6)
+    apical.unwrap(model)
+    assert type(model.rnn) is nn.LSTM
+    assert dict(model.named_parameters()).keys() == dict(reference.named_parameters()).keys()
+
+
+def test_unsupported_recurrent_modules_say_why():
+    proj = nn.Sequential(nn.LSTM(4, 6, proj_size=3))
+    report = apical.coverage(proj)
+    assert any("proj_size" in e.reason for e in report.entries)
+
+    class MyGRU(nn.GRU):
+        def forward(self, x, h=None):
+            return super().forward(x * 2, h)
+
+    assert any("register a layer class" in e.reason for e in apical.coverage(nn.Sequential(MyGRU(3, 2))).entries)
+
+
+def test_attentive_fp_carries_dendrites_on_its_gru_cells():
+    tg = pytest.importorskip("torch_geometric")
+    from torch_geometric.data import Batch, Data
+
+    torch.manual_seed(0)
+    model = tg.nn.models.AttentiveFP(in_channels=5, hidden_channels=16, out_channels=2, edge_dim=3, num_layers=2,
+                                     num_timesteps=2, dropout=0.0)
+    graphs = []
+    for n in (4, 6, 5):
+        edges = torch.tensor([[i for i in range(n - 1)] + [i + 1 for i in range(n - 1)],
+                              [i + 1 for i in range(n - 1)] + [i for i in range(n - 1)]])
+        graphs.append(Data(x=torch.randn(n, 5), edge_index=edges, edge_attr=torch.randn(edges.shape[1], 3)))
+    b = Batch.from_data_list(graphs)
+    reference = copy.deepcopy(model).eval()
+    apical.perforate(model, apical.DendriteConfig(mode="gd"))
+    assert apical.coverage(model).fraction >= 0.95
+    grus = [n for n, layer in apical.dendritic_layers(model) if isinstance(layer, DendriticRecurrentCell)]
+    assert grus == ["gru", "atom_grus.0", "mol_gru"]
+    for _, layer in apical.dendritic_layers(model):
+        layer.install_random(1.0, torch.Generator().manual_seed(1))
+    model.eval()
+    args = (b.x, b.edge_index, b.edge_attr, b.batch)
+    assert (model(*args) - reference(*args)).abs().max() < 1e-5
