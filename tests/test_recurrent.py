@@ -348,3 +348,26 @@ def test_attentive_fp_carries_dendrites_on_its_gru_cells():
     model.eval()
     args = (b.x, b.edge_index, b.edge_attr, b.batch)
     assert (model(*args) - reference(*args)).abs().max() < 1e-5
+
+
+def test_grapes_leaves_recurrent_cells_alone_and_keeps_working_on_the_rest():
+    from apical.grapes import grapes
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 5, batch_first=True)
+            self.fc = nn.Linear(5, 5)
+            self.out = nn.Linear(5, 3)
+
+        def forward(self, x):
+            o, _ = self.rnn(x)
+            return self.out(torch.relu(self.fc(o[:, -1])))
+
+    torch.manual_seed(0)
+    model = Model()
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    handle = grapes(model)
+    assert handle.layers == ["fc"]
+    model(torch.randn(2, 6, 4)).sum().backward()
+    assert model.fc.base.weight.grad is not None and model.rnn.weight_ih_l0.grad is not None

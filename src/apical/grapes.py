@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from apical.dendrites.layer import DendriticLayer
 from apical.dendrites.model import _OPAQUE_PARENTS
+from apical.dendrites.recurrent import DendriticRecurrentCell
 
 MODES = ("propagate", "local")
 IMPORTANCES = ("incoming",)
@@ -238,12 +239,15 @@ def _matches(name: str, module: nn.Module, selector: str | type) -> bool:
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modulable layers in ``named_modules`` order: dendritic layers (never their ``.base``)
-    and plain Linear / ConvNd modules outside modules that read their weights directly."""
+    and plain Linear / ConvNd modules outside modules that read their weights directly;
+    recurrent cells are left out."""
     modules = list(model.named_modules())
     bases = {id(m.base) for _, m in modules if isinstance(m, DendriticLayer)}
     opaque = {id(c) for _, m in modules if isinstance(m, _OPAQUE_PARENTS) for c in m.children()}
     found = []
     for name, m in modules:
+        if isinstance(m, DendriticRecurrentCell):
+            continue  # recurrent layers are not modulated (yet): their gates are not one output
         if (isinstance(m, DendriticLayer) and id(m) not in opaque) or (
             isinstance(m, _PLAIN_TYPES) and id(m) not in bases and id(m) not in opaque
         ):
