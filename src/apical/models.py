@@ -139,6 +139,29 @@ class MnistCNN(nn.Sequential):
         return super().forward(x)
 
 
+class SequenceClassifier(nn.Module):
+    """A recurrent classifier: ``[N, T * F]`` (or ``[N, T, F]``) read as ``T`` steps of ``F``
+    features by an ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``, then a Linear head on the last hidden state.
+    """
+
+    output_layer_name = "head"
+
+    def __init__(self, features: int, hidden: int, n_classes: int, kind: str = "gru", layers: int = 1) -> None:
+        super().__init__()
+        cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}.get(kind)
+        if cls is None:
+            raise ValueError(f"unknown recurrent kind {kind!r}; use gru, lstm or rnn")
+        self.features, self.hidden, self.kind = features, hidden, kind
+        self.rnn = cls(features, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            x = x.reshape(x.shape[0], -1, self.features)
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
 # default hidden sizes of build("mlp", ...) at width 1
 MLP_HIDDEN: dict[str, tuple[int, ...]] = {
     "digits": (32,),
@@ -166,8 +189,11 @@ def build(name: str, split: Split, width: float = 1.0) -> nn.Module:
         if len(shape) != 1:
             raise ValueError(f"cnn1d needs flat sequence inputs [N, L], got sample shape {shape}")
         return Conv1dNet(shape[0], (scaled(32, width), scaled(32, width)), split.n_outputs)
+    if name in ("gru", "lstm"):  # digits as 8 rows of 8 pixels, MNIST-1D as 40 steps of 1 value
+        features = 8 if split.name == "digits" else 1
+        return SequenceClassifier(features, scaled(16, width), split.n_outputs, kind=name)
     if name == "mnist_cnn":
         if shape not in ((1, 28, 28), (784,)):
             raise ValueError(f"mnist_cnn needs 28x28 inputs, got sample shape {shape}")
         return MnistCNN(width, split.n_outputs)
-    raise ValueError(f"unknown model {name!r}; known: cnn1d, mlp, mnist_cnn")
+    raise ValueError(f"unknown model {name!r}; known: cnn1d, gru, lstm, mlp, mnist_cnn")

@@ -77,6 +77,14 @@ def digits_demo(hidden: int = 4, **changes: Any) -> Task:
                 metric="accuracy", lr=3e-3, batch_size=64, patience=10, max_epochs=2000).with_settings(**changes)
 
 
+def digits_gru(rows: int | None = None, **changes: Any) -> Task:
+    """scikit-learn digits read row by row (8 steps of 8 pixels) by a GRU with 16 hidden units at
+    width 1, then a Linear head: the sequence suite."""
+    return Task(name="digits-gru", model=suite_model("gru", "digits"), data=split_data("digits", rows=rows),
+                loss=nn.functional.cross_entropy, metric="accuracy", lr=3e-3, batch_size=64, patience=10,
+                max_epochs=500).with_settings(**changes)
+
+
 def mnist1d_mlp(rows: int | None = None, **changes: Any) -> Task:
     """MNIST-1D (generated offline), MLP 40-64-64-10 at width 1."""
     return Task(name="mnist1d-mlp", model=suite_model("mlp", "mnist1d"), data=split_data("mnist1d", rows=rows),
@@ -109,6 +117,7 @@ def tox21(rows: int | None = None, **changes: Any) -> Task:
 TASKS: dict[str, Callable[..., Task]] = {
     "digits": digits,
     "digits-demo": digits_demo,
+    "digits-gru": digits_gru,
     "mnist1d-mlp": mnist1d_mlp,
     "mnist1d-cnn": mnist1d_cnn,
     "mnist5k": mnist5k,

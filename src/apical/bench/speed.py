@@ -13,6 +13,12 @@ interleaved repeats):
 (c) inference latency of ``apical.export(model)`` against the wide plain model. Target: <= 1.05x.
 (d) peak memory of a dendrite phase over two epoch lengths: it must not grow with samples.
 (e) OPTIONAL: comparison with the ``perforatedai`` package, skipped when it is not installed.
+(r) recurrent layers: a neuron-phase step of a GRU with D installed sets against the same arithmetic
+    written as a plain PyTorch step loop (target <= 1.2x), and a GRU without sets (apical keeps
+    PyTorch's fused kernel) against ``nn.GRU`` (target <= 1.05x).
+
+``--sections`` runs a subset; the other sections of an existing ``<name>.json`` are kept (the
+report says from which run).
 
 Run ``python benchmarks/speed.py`` (``--device cuda`` on a GPU machine, ``--quick`` for a smoke
 run). Writes ``benchmarks/results/<name>.md`` and ``<name>.json`` (name: ``speed`` on CPU,
@@ -22,6 +28,7 @@ run). Writes ``benchmarks/results/<name>.md`` and ``<name>.json`` (name: ``speed
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import gc
 import json
@@ -570,6 +577,13 @@ def write_report(path_md: Path, results: dict, command: str) -> None:
         f"torch {m['torch']}, Python {m['python']}, {m['platform']}; load average at start "
         f"{m['load_average']}; {m['date']}; apical {m['apical']} at git {m['git']}.",
         "",
+    ]
+    if results.get("kept"):
+        k, km = results["kept"], results["kept"]["machine"]
+        lines += [f"Sections {', '.join(k['sections'])} are kept from an earlier run: `{k['command']}` on "
+                  f"{km.get('cpu')}, {km.get('date')}, load average {km.get('load_average')}, apical at git "
+                  f"{km.get('git')}. The command and machine above are those of the sections run last.", ""]
+    lines += [
         f"Timing: {results['settings']['warmup']} warm-up calls, then {results['settings']['repeats']} "
         "interleaved rounds; times are medians, ratios the median over rounds of the per-round ratio, "
         f"clock: {'CPU time of the calling thread' if results['settings']['clock'] == 'cpu' else 'wall'}. "
@@ -654,6 +668,25 @@ def write_report(path_md: Path, results: dict, command: str) -> None:
                 f"{s['stats_kib']:.0f} / {g['stats_kib']:.0f} | {s['rss_peak_mib']:.0f} / {g['rss_peak_mib']:.0f} |"
             )
         lines.append("")
+    if results.get("r"):
+        lines += [
+            "## (r) Recurrent layers: a GRU's training step",
+            "",
+            "D = 0: perforated, no set installed (apical runs PyTorch's fused kernel) against nn.GRU. D >= 1: a "
+            "neuron-phase step (pb) against the same arithmetic written as a plain PyTorch step loop (a GRU "
+            "written out, with the D sets' matmul, sigmoid and v-weighted sum per step); the fused nn.GRU's "
+            "time is shown for scale (a loop over time steps cannot match a fused kernel).",
+            "",
+            "| model | D | apical ms | reference ms | reference | apical / reference | target | met |"
+            " fused nn.GRU ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["r"]:
+            fused = f"{r['t_fused_gru_ms']:.2f}" if "t_fused_gru_ms" in r else ""
+            lines.append(f"| {r['model']} | {r['D']} | {r['t_apical_ms']:.2f} | {r['t_reference_ms']:.2f} | "
+                         f"{r['reference']} | {r['ratio']:.3f} | <= {r['target']} | "
+                         f"{_verdict(r['ratio'] <= r['target'])} | {fused} |")
+        lines.append("")
     lines += ["## (e) OPTIONAL: apical gd vs perforatedai per training epoch (target: at least 5x faster)", "",
               f"{results['e']['status']}.", ""]
     if results["e"].get("rows"):
@@ -675,6 +708,89 @@ def write_report(path_md: Path, results: dict, command: str) -> None:
     path_md.write_text("\n".join(lines))
 
 
+# ---------------------------------------------------------------------------------- (r) recurrent
+class GRUNet(nn.Module):
+    """A one-layer GRU over ``[T, B, I]`` and a Linear head on the last hidden state."""
+
+    def __init__(self, inputs: int = 32, hidden: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(inputs, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[1][-1])
+
+
+class HandGRUNet(nn.Module):
+    """The arithmetic of a GRU with D installed dendrite sets per gate unit (pb's neuron phase:
+    dendrite inputs frozen and detached, v trainable), as a plain PyTorch step loop."""
+
+    def __init__(self, net: GRUNet, sets: int) -> None:
+        super().__init__()
+        rnn, self.sets = net.rnn, sets
+        n, i = rnn.hidden_size, rnn.input_size
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            setattr(self, name, nn.Parameter(getattr(rnn, name + "_l0").detach().clone()))
+        self.register_buffer("wd", torch.randn(sets * 3 * n, i + n) / math.sqrt(i + n))
+        self.register_buffer("bd", torch.zeros(sets * 3 * n))
+        self.v = nn.Parameter(torch.zeros(sets, 3 * n))
+        self.head = copy.deepcopy(net.head)
+        self.hidden = n
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, h = self.hidden, x.new_zeros(x.shape[1], self.hidden)
+        for t in range(x.shape[0]):
+            gi, gh = F.linear(x[t], self.weight_ih, self.bias_ih), F.linear(h, self.weight_hh, self.bias_hh)
+            pre = F.linear(torch.cat([x[t], h], -1).detach(), self.wd, self.bd)
+            a = torch.sigmoid(pre).unflatten(-1, (self.sets, 3 * n))
+            s = torch.cat([gi[:, : 2 * n] + gh[:, : 2 * n], gi[:, 2 * n:]], -1) + (self.v * a).sum(-2)
+            r, z = torch.sigmoid(s[:, : 2 * n]).chunk(2, -1)
+            cand = torch.tanh(s[:, 2 * n:] + r * gh[:, 2 * n:])
+            h = cand + z * (h - cand)
+        return self.head(h)
+
+
+def section_r(args, timer: Timer, device: torch.device) -> list[dict]:
+    steps_t, batch, rows = 32, 64, []
+    x = torch.randn(steps_t, batch, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step_of(model: nn.Module) -> Callable[[], None]:
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                               **_adam_kwargs(args, device))
+        return train_step(model, opt, x, y)
+
+    torch.manual_seed(0)
+    plain = GRUNet().to(device).train()
+    bare = copy.deepcopy(plain)
+    apical.perforate(bare, apical.DendriteConfig(mode="pb"))  # no sets yet: the fused kernel
+    t, ratio = timer.compare({"apical": step_of(bare), "plain": step_of(plain)}, "plain")
+    rows.append({"model": "GRU 32-64, T 32, batch 64", "D": 0, "t_apical_ms": 1e3 * t["apical"],
+                 "t_reference_ms": 1e3 * t["plain"], "reference": "nn.GRU (fused kernel)",
+                 "ratio": ratio["apical"], "target": 1.05})
+    print(_fmt_row("r", rows[-1]), flush=True)
+    for d in args.dendrites[:2]:
+        torch.manual_seed(0)
+        net = GRUNet().to(device)
+        hand = HandGRUNet(net, d).to(device).train()
+        pb = copy.deepcopy(net)
+        cfg = apical.DendriteConfig(mode="pb")
+        apical.perforate(pb, cfg)
+        for _, layer in apical.dendritic_layers(pb):
+            for _ in range(d):
+                layer.install_random(1.0)
+            layer.set_training_mode("neuron", perforated=True)
+        pb.head = copy.deepcopy(net.head)  # the head plain in both: the row measures the recurrent layer
+        pb.to(device).train()
+        steps = {"apical": step_of(pb), "hand": step_of(hand), "fused": step_of(copy.deepcopy(plain))}
+        t, ratio = timer.compare(steps, "hand")
+        rows.append({"model": "GRU 32-64, T 32, batch 64", "D": d, "t_apical_ms": 1e3 * t["apical"],
+                     "t_reference_ms": 1e3 * t["hand"], "reference": "the same arithmetic as a plain step loop",
+                     "ratio": ratio["apical"], "target": 1.2, "t_fused_gru_ms": 1e3 * t["fused"]})
+        print(_fmt_row("r", rows[-1]), flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="apical bench speed", description=__doc__.split("\n\n")[0])
@@ -687,7 +803,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phase-dendrites", type=int, default=0, help="installed sets during (b)")
     p.add_argument("--memory-candidates", type=int, default=4)
     p.add_argument("--memory-batches", type=int, nargs=2, default=[20, 80], help="short and long epoch")
-    p.add_argument("--sections", default="abcde", help="which sections to run (default abcde)")
+    p.add_argument("--sections", default="abcder", help="which sections to run (default abcder); the others "
+                   "are kept from an existing report of the same name")
     p.add_argument("--adam", choices=["fused", "default"], default="fused",
                    help="Adam implementation for every model (default: fused where available)")
     p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
@@ -728,11 +845,23 @@ def main(argv: list[str] | None = None) -> int:
         results["c"] = section_c(args, timer, device)
     if "d" in args.sections:
         results["d"] = section_d(args, device)
+    if "r" in args.sections:
+        results["r"] = section_r(args, timer, device)
     results["e"] = section_e(args) if "e" in args.sections else {"status": "not run"}
     print(f"[e] {results['e']['status']}")
     if not args.no_write:
         name = args.name or ("speed" if device.type == "cpu" else f"speed_{device.type}")
         args.out_dir.mkdir(parents=True, exist_ok=True)
+        previous_path = args.out_dir / f"{name}.json"
+        if previous_path.is_file():  # keep the sections not run this time
+            previous = json.loads(previous_path.read_text())
+            kept = [k for k in "abcder" if k not in args.sections and previous.get(k)
+                    and not (k == "e" and previous[k].get("status") == "not run")]
+            for k in kept:
+                results[k] = previous[k]
+            if kept:
+                results["kept"] = {"sections": kept, "machine": previous.get("machine", {}),
+                                   "command": previous.get("command", "?")}
         (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=1, default=_json_default))
         write_report(args.out_dir / f"{name}.md", results, command)
         print(f"wrote {args.out_dir / name}.md and .json")
