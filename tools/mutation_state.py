@@ -6,7 +6,9 @@
 
 Only *kills* are restored, and only for functions whose source is unchanged (mutmut compares each
 function's hash and re-tests a changed one): tests are only ever added or strengthened, so a kill stays a
-kill, while a survivor, a mutant without tests and an unchecked mutant are all tested again.
+kill, while a survivor, a mutant without tests and an unchecked mutant are all tested again. ``save``
+keeps an earlier verdict (a survivor, say) that the run did not reach, if its function is unchanged,
+so that a partial run never makes the report look better than what is known.
 """
 
 from __future__ import annotations
@@ -27,13 +29,28 @@ def save() -> int:
     if not metas:
         print("no mutmut results under mutants/: nothing to save", file=sys.stderr)
         return 2
+    previous = json.loads(STATE.read_text()) if STATE.exists() else {}
     state = {}
+    kept = 0
     for meta in metas:
         data = json.loads(meta.read_text())
-        state[meta.relative_to(MUTANTS).as_posix()] = {
-            "exit_code_by_key": data["exit_code_by_key"],
-            "hash_by_function_name": data.get("hash_by_function_name", {}),
-        }
+        rel = meta.relative_to(MUTANTS).as_posix()
+        codes = dict(data["exit_code_by_key"])
+        hashes = data.get("hash_by_function_name", {})
+        old = previous.get(rel, {})
+        old_codes, old_hashes = old.get("exit_code_by_key", {}), old.get("hash_by_function_name", {})
+        for key, code in codes.items():
+            # a verdict this run did not reach (a survivor is restored as unchecked) stays known,
+            # as long as its function is unchanged
+            func = key.rsplit(".", 1)[-1].rsplit("__mutmut_", 1)[0]
+            if code is None and old_codes.get(key) is not None and old_hashes.get(func) == hashes.get(func):
+                codes[key] = old_codes[key]
+                kept += 1
+        state[rel] = {"exit_code_by_key": codes, "hash_by_function_name": hashes}
+        if codes != data["exit_code_by_key"]:  # the report reads the metas: give it the known verdicts too
+            meta.write_text(json.dumps({**data, "exit_code_by_key": codes}))
+    if kept:
+        print(f"kept {kept} earlier verdicts of unchanged functions that this run did not reach")
     STATE.write_text(json.dumps(state, indent=0, sort_keys=True) + "\n")
     done = sum(v is not None for s in state.values() for v in s["exit_code_by_key"].values())
     total = sum(len(s["exit_code_by_key"]) for s in state.values())
