@@ -136,6 +136,26 @@ def test_conv_statistics_and_gradients_match_one_process(runs):
         assert torch.equal(m[k], r1["conv"]["moments"][k]), k
 
 
+def test_gru_statistics_over_batch_and_time_and_gradients_match_one_process(runs):
+    """A GRU's candidates under DDP: one reduction per time step, the same epoch statistics and
+    candidate gradients as one process on the global batches (errors W times larger, as above)."""
+    (r0, r1), single = runs
+    got, want = r0["gru"], single["gru"]
+    assert got["n"] == want["n"] == 3 * 8 * 5
+    w = 2.0
+    m, ref = got["moments"], want["moments"]
+    torch.testing.assert_close(m["mean_a"], ref["mean_a"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(m["var_a"], ref["var_a"], rtol=1e-5, atol=1e-12)
+    # float32 errors summed in another order: agreement to 1e-5 of each quantity's scale
+    for key in ("mean_d", "cov"):
+        scale = float(ref[key].abs().max())
+        torch.testing.assert_close(m[key], w * ref[key], rtol=1e-5, atol=1e-5 * w * scale)
+    for g, g_ref in zip(got["grads"], want["grads"], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+    for k in m:
+        assert torch.equal(m[k], r1["gru"]["moments"][k]), k
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

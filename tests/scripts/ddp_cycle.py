@@ -99,6 +99,7 @@ def run(rank: int = 0, world: int = 1) -> dict:
         "installed": installed,
         "dendrites": apical.dendrite_count(model),
         "conv": conv_check(rank, world),
+        "gru": gru_check(rank, world),
     }
 
 
@@ -119,6 +120,42 @@ def conv_check(rank: int = 0, world: int = 1) -> dict:
     grads = []
     for i in range(3):
         x = torch.randn(8, 2, 5, 5, generator=g) * (1 + i) + i
+        t = torch.randn(8, 2, generator=g)
+        b = 8 // world
+        layer.candidate_weight.grad = None
+        nn.functional.mse_loss(ddp(x[rank * b:(rank + 1) * b]), t[rank * b:(rank + 1) * b]).backward()
+        grads.append(layer.candidate_weight.grad.clone())
+    return {"moments": layer.stats.moments(), "n": layer.stats.n, "grads": grads}
+
+
+class _GRUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def gru_check(rank: int = 0, world: int = 1) -> dict:
+    """Three global batches of sequences through a GRU with candidates: statistics over batch x
+    time (one reduction per step) and gradients."""
+    torch.manual_seed(3)
+    model = _GRUNet()
+    cfg = DendriteConfig(include=["rnn"], seed=0)
+    perforate(model, cfg)
+    layer = model.rnn.cell_l0
+    layer.install_random(1.0, torch.Generator().manual_seed(4))
+    layer.add_candidates(2, 1.0, torch.Generator().manual_seed(5))
+    layer.set_training_mode("dendrite", perforated=True)
+    for p in model.parameters():
+        p.requires_grad_(p is layer.candidate_weight or p is layer.candidate_bias)
+    ddp = apical.distributed.wrap(model) if world > 1 else model
+    g = torch.Generator().manual_seed(6)
+    grads = []
+    for i in range(3):
+        x = torch.randn(8, 5, 3, generator=g) * (1 + i) + i
         t = torch.randn(8, 2, generator=g)
         b = 8 // world
         layer.candidate_weight.grad = None
