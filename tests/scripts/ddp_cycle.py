@@ -103,13 +103,8 @@ def run(rank: int = 0, world: int = 1) -> dict:
     }
 
 
-def conv_check(rank: int = 0, world: int = 1) -> dict:
-    """Three global batches through a Conv2d layer with candidates: statistics and gradients."""
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
-    cfg = DendriteConfig(include=["0"], normaliser="pearson", centring="epoch", seed=0)
-    perforate(model, cfg)
-    layer = model[0]
+def _candidate_check(model: nn.Module, layer, make_x, rank: int, world: int) -> dict:
+    """Three global batches through ``model`` with candidates on ``layer``: statistics and gradients."""
     layer.install_random(1.0, torch.Generator().manual_seed(4))
     layer.add_candidates(2, 1.0, torch.Generator().manual_seed(5))
     layer.set_training_mode("dendrite", perforated=True)
@@ -119,13 +114,21 @@ def conv_check(rank: int = 0, world: int = 1) -> dict:
     g = torch.Generator().manual_seed(6)
     grads = []
     for i in range(3):
-        x = torch.randn(8, 2, 5, 5, generator=g) * (1 + i) + i
+        x = make_x(g) * (1 + i) + i
         t = torch.randn(8, 2, generator=g)
         b = 8 // world
         layer.candidate_weight.grad = None
         nn.functional.mse_loss(ddp(x[rank * b:(rank + 1) * b]), t[rank * b:(rank + 1) * b]).backward()
         grads.append(layer.candidate_weight.grad.clone())
     return {"moments": layer.stats.moments(), "n": layer.stats.n, "grads": grads}
+
+
+def conv_check(rank: int = 0, world: int = 1) -> dict:
+    """A Conv2d layer (pearson normaliser, epoch centring)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
+    perforate(model, DendriteConfig(include=["0"], normaliser="pearson", centring="epoch", seed=0))
+    return _candidate_check(model, model[0], lambda g: torch.randn(8, 2, 5, 5, generator=g), rank, world)
 
 
 class _GRUNet(nn.Module):
@@ -139,29 +142,11 @@ class _GRUNet(nn.Module):
 
 
 def gru_check(rank: int = 0, world: int = 1) -> dict:
-    """Three global batches of sequences through a GRU with candidates: statistics over batch x
-    time (one reduction per step) and gradients."""
+    """A GRU: statistics over batch x time (one reduction per step)."""
     torch.manual_seed(3)
     model = _GRUNet()
-    cfg = DendriteConfig(include=["rnn"], seed=0)
-    perforate(model, cfg)
-    layer = model.rnn.cell_l0
-    layer.install_random(1.0, torch.Generator().manual_seed(4))
-    layer.add_candidates(2, 1.0, torch.Generator().manual_seed(5))
-    layer.set_training_mode("dendrite", perforated=True)
-    for p in model.parameters():
-        p.requires_grad_(p is layer.candidate_weight or p is layer.candidate_bias)
-    ddp = apical.distributed.wrap(model) if world > 1 else model
-    g = torch.Generator().manual_seed(6)
-    grads = []
-    for i in range(3):
-        x = torch.randn(8, 5, 3, generator=g) * (1 + i) + i
-        t = torch.randn(8, 2, generator=g)
-        b = 8 // world
-        layer.candidate_weight.grad = None
-        nn.functional.mse_loss(ddp(x[rank * b:(rank + 1) * b]), t[rank * b:(rank + 1) * b]).backward()
-        grads.append(layer.candidate_weight.grad.clone())
-    return {"moments": layer.stats.moments(), "n": layer.stats.n, "grads": grads}
+    perforate(model, DendriteConfig(include=["rnn"], seed=0))
+    return _candidate_check(model, model.rnn.cell_l0, lambda g: torch.randn(8, 5, 3, generator=g), rank, world)
 
 
 def main() -> None:

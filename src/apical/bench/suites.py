@@ -31,6 +31,7 @@ from apical import tasks
 from apical.bench.common import DEFAULT_OUT, header, markdown_table, mean_std, paired_ci, write_json
 from apical.bench.definitions import SUITES, ModelSpec, Suite, build_model, describe, load_split
 from apical.dendrites import DendriteConfig
+from apical.trials import records
 from apical.trials.modes import BASELINES, DEFAULT_MODES, MATCHED, mode_config, with_matched
 from apical.trials.run import train
 from apical.trials.runner import matched_width
@@ -187,27 +188,10 @@ def _key_of(record: Mapping[str, Any]) -> tuple[str, str, float, int]:
     return (record["model"], record["mode"], float(record["width"]), int(record["seed"]))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a results file; a torn last line (interrupted write) is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one record as a line and flush it to disk."""
-    with path.open("a") as fh:
-        fh.write(json.dumps(record, default=float) + "\n")
-        fh.flush()
+read_jsonl = records.read
+"""Records of a results file; a torn or garbled line (an interrupted write) is skipped."""
+append_jsonl = records.append
+"""Append one record as one line and sync it to disk."""
 
 
 # ----------------------------------------------------------------------------------------------------
