@@ -26,9 +26,9 @@ def _flat(out) -> torch.Tensor:
 
 
 class LSTMClassifier(nn.Module):
-    def __init__(self):
+    def __init__(self, features=6):
         super().__init__()
-        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+        self.rnn = nn.LSTM(features, 8, num_layers=2, batch_first=True)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -37,9 +37,9 @@ class LSTMClassifier(nn.Module):
 
 
 class BiGRU(nn.Module):
-    def __init__(self):
+    def __init__(self, features=6):
         super().__init__()
-        self.rnn = nn.GRU(6, 8, bidirectional=True)
+        self.rnn = nn.GRU(features, 8, bidirectional=True)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -48,9 +48,9 @@ class BiGRU(nn.Module):
 
 
 class CellLoop(nn.Module):
-    def __init__(self):
+    def __init__(self, features=6):
         super().__init__()
-        self.gru = nn.GRUCell(6, 8)
+        self.gru = nn.GRUCell(features, 8)
         self.lstm = nn.LSTMCell(8, 8)
         self.head = nn.Linear(8, 3)
 
@@ -256,11 +256,9 @@ class RowGRU(nn.Module):
         return self.head(state[0])
 
 
-def test_a_pb_cycle_grows_a_set_in_every_recurrent_layer_and_a_fresh_model_loads_it(tmp_path):
-    pytest.importorskip("sklearn")
-    x, y = _digits_rows()
-    torch.manual_seed(0)
-    model = RowGRU()
+def _grow_one_set(model, x, y):
+    """A pb cycle on digits rows with a scripted score: flat until a set is installed (a plateau,
+    then a dendrite phase on the real data's errors), better after it (so the set is kept)."""
     cfg = apical.DendriteConfig(mode="pb", seed=0, patience=1, candidates=2, max_dendrites=1, dendrite_patience=1,
                                 min_dendrite_epochs=1, max_dendrite_epochs=2, improvement_threshold=0.0)
     apical.perforate(model, cfg)
@@ -272,29 +270,52 @@ def test_a_pb_cycle_grows_a_set_in_every_recurrent_layer_and_a_fresh_model_loads
             opt.zero_grad()
             F.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
             opt.step()
-        # a scripted score: flat until a set is installed (a plateau, then a dendrite phase on the real
-        # data's errors), better after it (so the set is kept)
         step = ctl.step(0.5 if ctl.dendrites == 0 else 0.9)
         if step.restructured:
             opt = torch.optim.Adam(ctl.parameters(), lr=1e-2)
         if step.done:
             break
-    layers = dict(apical.dendritic_layers(model))
-    assert set(layers) == {"rnn.cell_l0", "cell", "head"}
-    grown = {n: layer.num_dendrites for n, layer in layers.items()}
+    grown = {n: layer.num_dendrites for n, layer in apical.dendritic_layers(model)}
     assert all(d == 1 for d in grown.values()), grown
+    return ctl, grown
+
+
+def _round_trip(model, ctl, build, x, tmp_path):
+    """A fresh model loaded from the checkpoint, and the export, give the model's outputs."""
     model.eval()
     with torch.no_grad():
-        expected = model(x[:50])
+        expected = model(x)
     apical.save(tmp_path / "rnn.safetensors", model, ctl)
     torch.manual_seed(9)
-    fresh = RowGRU()
+    fresh = build()
     apical.load(tmp_path / "rnn.safetensors", fresh)
     fresh.eval()
+    exported = apical.export(model)
     with torch.no_grad():
-        assert torch.equal(fresh(x[:50]), expected)
-        exported = apical.export(model)
-        assert torch.allclose(exported(x[:50]), expected, atol=1e-6)
+        assert torch.equal(fresh(x), expected)
+        assert torch.allclose(exported(x), expected, atol=1e-6)
+    return exported
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_pb_cycle_grows_a_set_in_every_layer_of_the_named_models(name, tmp_path):
+    pytest.importorskip("sklearn")
+    x, y = _digits_rows()
+    torch.manual_seed(0)
+    model = MODELS[name](8)
+    ctl, grown = _grow_one_set(model, x, y % 3)  # the named models have 3 outputs: the digit mod 3
+    assert len(grown) == {"lstm": 3, "bigru": 3, "cells": 3}[name]
+    _round_trip(model, ctl, lambda: MODELS[name](8), x[:50], tmp_path)
+
+
+def test_a_gru_and_an_lstm_cell_in_one_model_grow_and_round_trip(tmp_path):
+    pytest.importorskip("sklearn")
+    x, y = _digits_rows()
+    torch.manual_seed(0)
+    model = RowGRU()
+    ctl, grown = _grow_one_set(model, x, y)
+    assert set(grown) == {"rnn.cell_l0", "cell", "head"}
+    exported = _round_trip(model, ctl, RowGRU, x[:50], tmp_path)
     assert isinstance(exported.rnn, DendriticGRU) and isinstance(exported.cell, DendriticRecurrentCell)
     assert all(c.num_candidates == 0 for c in exported.rnn.cells())
     plain = apical.unwrap(copy.deepcopy(model), force=True)
