@@ -392,3 +392,37 @@ def test_grapes_leaves_recurrent_cells_alone_and_keeps_working_on_the_rest():
     assert handle.layers == ["fc"]
     model(torch.randn(2, 6, 4)).sum().backward()
     assert model.fc.base.weight.grad is not None and model.rnn.weight_ih_l0.grad is not None
+
+
+def test_the_hidden_state_placement_adds_the_dendrites_to_h_and_is_chosen_through_the_registry(tmp_path):
+    from apical.dendrites.recurrent import DendriticGRUOnHidden, DendriticRecurrentCellOnHidden
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.GRU(4, 3))
+    reference = copy.deepcopy(model)
+    with apical.layer_registry.registered(nn.GRU, DendriticGRUOnHidden):
+        apical.perforate(model, apical.DendriteConfig(mode="pb", seed=0))
+    gru = model[0]
+    cell = gru.cell_l0
+    assert isinstance(gru, DendriticGRUOnHidden) and isinstance(cell, DendriticRecurrentCellOnHidden)
+    assert cell.out_channels == 3 and cell.weight_tail == (7,)  # H neurons reading [x, h]
+    x = torch.randn(5, 2, 4)
+    cell.install_random(1.0, torch.Generator().manual_seed(1))
+    assert torch.allclose(model(x)[0], reference(x)[0], atol=1e-6)  # v = 0: the function is kept
+    with torch.no_grad():
+        cell.dendrite_out.normal_(generator=torch.Generator().manual_seed(2))
+    w, b, v = cell.dendrite_weight[0].detach(), cell.dendrite_bias[0].detach(), cell.dendrite_out[0].detach()
+    plain = reference[0]
+    h, outs = torch.zeros(2, 3), []
+    for t in range(5):  # h' = GRU(x, h) + v * sigmoid(W [x, h] + b)
+        _, h_plain = plain(x[t:t + 1], h[None])
+        h = h_plain[0] + v * torch.sigmoid(torch.cat([x[t], h], 1) @ w.T + b)
+        outs.append(h)
+    assert torch.allclose(model(x)[0], torch.stack(outs), atol=1e-6)
+    apical.save(tmp_path / "h.safetensors", model)
+    fresh = nn.Sequential(nn.GRU(4, 3))
+    with apical.layer_registry.registered(nn.GRU, DendriticGRUOnHidden):
+        apical.load(tmp_path / "h.safetensors", fresh)
+    assert torch.equal(fresh(x)[0], model(x)[0])
+    with pytest.raises(ValueError, match="wraps GRU, not LSTM"):
+        DendriticGRUOnHidden.wrap(nn.LSTM(4, 3))

@@ -15,7 +15,16 @@ from apical.dendrites.model import (
     structure,
     unwrap,
 )
-from apical.dendrites.recurrent import DendriticGRU, DendriticLSTM, DendriticRecurrentCell, DendriticRNN
+from apical.dendrites.recurrent import (
+    DendriticGRU,
+    DendriticGRUOnHidden,
+    DendriticLSTM,
+    DendriticLSTMOnHidden,
+    DendriticRecurrentCell,
+    DendriticRecurrentCellOnHidden,
+    DendriticRNN,
+    DendriticRNNOnHidden,
+)
 from apical.dendrites.registry import LayerRegistry, layer_registry, register_layer, unregister_layer
 
 __all__ = [
@@ -25,13 +34,17 @@ __all__ = [
     "DendriteConfig",
     "DendriticConv",
     "DendriticGRU",
+    "DendriticGRUOnHidden",
     "DendriticLSTM",
+    "DendriticLSTMOnHidden",
     "DendriticLayer",
     "DendriticLinear",
     "DendriticMultiheadAttention",
     "DendriticProjection",
     "DendriticRNN",
+    "DendriticRNNOnHidden",
     "DendriticRecurrentCell",
+    "DendriticRecurrentCellOnHidden",
     "DendriticTransposedLinear",
     "LayerRegistry",
     "PerforationError",

@@ -33,7 +33,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from apical.dendrites.correlation import correlation_tap
 from apical.dendrites.layer import ACTIVATION_FNS, DendriticLayer, DendriticLinear
 
-__all__ = ["DendriticGRU", "DendriticLSTM", "DendriticRNN", "DendriticRecurrentCell"]
+__all__ = ["DendriticGRU", "DendriticGRUOnHidden", "DendriticLSTM", "DendriticLSTMOnHidden", "DendriticRNN",
+           "DendriticRNNOnHidden", "DendriticRecurrentCell", "DendriticRecurrentCellOnHidden"]
 
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 
@@ -151,6 +152,10 @@ class DendriticRecurrentCell(DendriticLayer):
             s = correlation_tap(s, ACTIVATION_FNS[self.activation](pre), self)
         return s
 
+    def _on_gates(self, s: Tensor, x: Tensor, h: Tensor) -> Tensor:
+        """The gate pre-activations with this placement's dendrites (here: all of them)."""
+        return self._with_dendrites(s, x, h)
+
     def step(self, x: Tensor, state: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
         """One time step on a batch ``x`` ``[B, I]``: the new hidden state (LSTM: ``(h, c)``)."""
         base = self.base
@@ -159,11 +164,11 @@ class DendriticRecurrentCell(DendriticLayer):
         gh = F.linear(h, base.weight_hh, base.bias_hh)
         if self.mode == "GRU":
             n = self.hidden_size
-            s = self._with_dendrites(torch.cat([gi[..., : 2 * n] + gh[..., : 2 * n], gi[..., 2 * n:]], -1), x, h)
+            s = self._on_gates(torch.cat([gi[..., : 2 * n] + gh[..., : 2 * n], gi[..., 2 * n:]], -1), x, h)
             r, z = torch.sigmoid(s[..., : 2 * n]).chunk(2, -1)
             cand = torch.tanh(torch.addcmul(s[..., 2 * n:], r, gh[..., 2 * n:]))
             return torch.addcmul(cand, z, h - cand)  # (1 - z) n + z h
-        s = self._with_dendrites(gi + gh, x, h)
+        s = self._on_gates(gi + gh, x, h)
         if self.mode == "LSTM":
             i, f, g, o = s.chunk(4, -1)
             c = torch.addcmul(torch.sigmoid(f) * state[1], torch.sigmoid(i), torch.tanh(g))
@@ -193,6 +198,31 @@ class DendriticRecurrentCell(DendriticLayer):
         return out
 
 
+class DendriticRecurrentCellOnHidden(DendriticRecurrentCell):
+    """The other placement: a neuron is a hidden unit (``H`` neurons), and its dendrites, reading
+    ``[x_t, h_{t-1}]`` like the gates' do, add ``sum_k v_k a_k`` to the new hidden state (an LSTM's
+    ``h``, not its cell state). Not the default (see ``docs/method.md`` for the measurement); choose
+    it with ``apical.layer_registry.registered(nn.GRU, apical.DendriticGRUOnHidden)`` (or
+    ``register_layer``), and likewise for the other recurrent types."""
+
+    @classmethod
+    def neuron_weight_of(cls, base: nn.Module) -> Tensor:
+        # the last gate's rows ([H, I + H]: a GRU's n, an LSTM's o, an RNN's only one), for the
+        # layer's geometry: H neurons reading I + H inputs
+        n = base.weight_hh.shape[1]
+        return torch.cat([base.weight_ih[-n:], base.weight_hh[-n:]], 1)
+
+    def _on_gates(self, s: Tensor, x: Tensor, h: Tensor) -> Tensor:
+        return s  # the gates stay plain
+
+    def step(self, x: Tensor, state: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+        h = state[0] if self.mode == "LSTM" else state
+        new = super().step(x, state)
+        if self.mode == "LSTM":
+            return self._with_dendrites(new[0], x, h), new[1]
+        return self._with_dendrites(new, x, h)
+
+
 def _unsupported_rnn(module: nn.Module) -> str | None:
     if type(module) not in (nn.RNN, nn.GRU, nn.LSTM) and not isinstance(module, _DendriticRecurrent):
         return (f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} with code of its own: "
@@ -206,6 +236,7 @@ class _DendriticRecurrent:
     """What :class:`DendriticRNN`, :class:`DendriticGRU` and :class:`DendriticLSTM` share."""
 
     _plain: type[nn.RNNBase]
+    cell_class: type[DendriticRecurrentCell] = DendriticRecurrentCell
 
     @classmethod
     def _names(cls, module: nn.RNNBase) -> list[tuple[str, int, bool]]:
@@ -215,23 +246,26 @@ class _DendriticRecurrent:
 
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
-        return _unsupported_rnn(module)
+        reason = _unsupported_rnn(module)
+        if reason is None and not isinstance(module, cls._plain):
+            reason = f"{cls.__name__} wraps {cls._plain.__name__}, not {type(module).__name__}"
+        return reason
 
     @classmethod
     def wrap(cls, module: nn.RNNBase, activation: str = "sigmoid") -> nn.Module:
         reason = cls.unsupported(module)
         if reason is not None:
             raise ValueError(f"cannot wrap {type(module).__name__}: {reason}")
-        cells = [(name, DendriticRecurrentCell(_CellWeights(module, k, r), activation=activation))
+        cells = [(name, cls.cell_class(_CellWeights(module, k, r), activation=activation))
                  for name, k, r in cls._names(module)]
-        module.__class__ = _WRAPPERS[type(module)]  # the same object: every Parameter and attribute is kept
+        module.__class__ = cls  # the same object: every Parameter and attribute is kept
         for name, cell in cells:
             setattr(module, name, cell)
         return module
 
     @classmethod
     def planned_layers(cls, module: nn.RNNBase) -> dict[str, Tensor]:
-        return {name: DendriticRecurrentCell.neuron_weight_of(_CellWeights(module, k, r))
+        return {name: cls.cell_class.neuron_weight_of(_CellWeights(module, k, r))
                 for name, k, r in cls._names(module)}
 
     def unwrapped(self) -> nn.Module:
@@ -339,4 +373,19 @@ class DendriticLSTM(_DendriticRecurrent, nn.LSTM):
     _plain = nn.LSTM
 
 
-_WRAPPERS: dict[type, type] = {nn.RNN: DendriticRNN, nn.GRU: DendriticGRU, nn.LSTM: DendriticLSTM}
+class DendriticRNNOnHidden(DendriticRNN):
+    """:class:`DendriticRNN` with the dendrites on the hidden state (:class:`DendriticRecurrentCellOnHidden`)."""
+
+    cell_class = DendriticRecurrentCellOnHidden
+
+
+class DendriticGRUOnHidden(DendriticGRU):
+    """:class:`DendriticGRU` with the dendrites on the hidden state (:class:`DendriticRecurrentCellOnHidden`)."""
+
+    cell_class = DendriticRecurrentCellOnHidden
+
+
+class DendriticLSTMOnHidden(DendriticLSTM):
+    """:class:`DendriticLSTM` with the dendrites on the hidden state (:class:`DendriticRecurrentCellOnHidden`)."""
+
+    cell_class = DendriticRecurrentCellOnHidden
