@@ -34,6 +34,7 @@ from apical.dendrites import (
     unwrap,
 )
 from apical.export import export
+from apical.feedback import FeedbackHandle, feedback_alignment
 from apical.trials import Task, TrialResult, trial
 
 __version__ = "0.1.0"
@@ -66,6 +67,8 @@ __all__ = [
     "dendrite_count",
     "dendritic_layers",
     "export",
+    "feedback_alignment",
+    "FeedbackHandle",
     "distributed",
     "layer_registry",
     "load",
