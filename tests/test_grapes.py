@@ -936,3 +936,42 @@ def test_a_user_forward_hook_is_not_taken_for_a_grapes_handle():
     assert handle.layers == ["0", "2"]
     _check(_grads(model, x, t), _mlp_expected(model, x, t, "propagate", clip=None))
     assert seen == [(7, 5)]
+
+
+def test_grapes_on_a_spiking_network_modulates_every_time_step():
+    """snntorch layers are nn.Linear plus neuron modules; GRAPES (propagate) scales the error at fc1's
+    output at every time step, so fc1's gradients are the plain ones times F per neuron."""
+    snn = pytest.importorskip("snntorch")
+    from snntorch import surrogate
+
+    from apical.grapes import grapes, grapes_factors
+
+    class SNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
+            self.lif1 = snn.Leaky(beta=0.9, spike_grad=surrogate.fast_sigmoid())
+            self.lif2 = snn.Leaky(beta=0.9, spike_grad=surrogate.fast_sigmoid())
+
+        def forward(self, x):  # x: [T, N, 6]
+            m1, m2 = self.lif1.reset_mem(), self.lif2.reset_mem()
+            counts = 0
+            for t in range(x.shape[0]):
+                s1, m1 = self.lif1(self.fc1(x[t]), m1)
+                s2, m2 = self.lif2(self.fc2(s1), m2)
+                counts = counts + s2 + m2  # spikes and membranes: a loss with a gradient at every step
+            return counts
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(10, 5, 6, generator=g) * 2, torch.tensor([0, 1, 2, 0, 1])
+    plain, modulated = SNN(), SNN()
+    nn.functional.cross_entropy(plain(x), y).backward()
+    handle = grapes(modulated)  # the output layer fc2 is left out by default
+    nn.functional.cross_entropy(modulated(x), y).backward()
+    assert handle.layers == ["fc1"]
+    factor = grapes_factors(plain.fc1.weight)
+    assert factor.max() > 1.0  # a real modulation
+    torch.testing.assert_close(modulated.fc1.weight.grad, factor[:, None] * plain.fc1.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(modulated.fc1.bias.grad, factor * plain.fc1.bias.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(modulated.fc2.weight.grad, plain.fc2.weight.grad)
