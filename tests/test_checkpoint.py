@@ -229,6 +229,18 @@ def test_module_names_that_read_as_regexes_load_into_a_fresh_model(tmp_path):
     _assert_same_state(fresh, model)
 
 
+def test_a_non_finite_config_value_is_refused_at_save_and_nothing_is_written(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    cfg = DendriteConfig(mode="pb")
+    perforate(model, cfg)
+    ctl = Controller(model, cfg)
+    object.__setattr__(ctl.config, "init_scale", float("inf"))  # edited after it was validated
+    path = tmp_path / "nf.safetensors"
+    with pytest.raises(CheckpointError, match="the configuration holds a value JSON cannot store"):
+        save(path, model, ctl)
+    assert not path.exists()
+
+
 def test_tied_weights_and_plain_models(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight

@@ -393,13 +393,18 @@ def save(path: str | os.PathLike, model: nn.Module, controller: Controller | Non
         }
     extra_json = packer.encode(dict(extra or {}), "extra")
 
+    try:
+        config_json = _json_dumps(_config_for(model, controller).to_dict())
+    except ValueError as err:  # a field set to inf / nan after the config was validated
+        raise CheckpointError(f"cannot save {os.fspath(path)!r}: the configuration holds a value JSON cannot "
+                              f"store ({err}); DendriteConfig fields must be finite") from None
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "apical_version": str(apical.__version__),
         "torch_version": str(torch.__version__),
         "structure": _json_dumps(record),
-        "config": _json_dumps(_config_for(model, controller).to_dict()),
+        "config": config_json,
         "layers": _json_dumps(_layer_info(model)),
         "model": _json_dumps(model_json),
         "controller": _json_dumps(controller_json),
