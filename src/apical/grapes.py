@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from apical.dendrites.layer import DendriticLayer
-from apical.dendrites.model import _OPAQUE_PARENTS
 from apical.dendrites.recurrent import DendriticRecurrentCell
+from apical.dendrites.selection import _OPAQUE_PARENTS
 
 MODES = ("propagate", "local")
 IMPORTANCES = ("incoming",)

@@ -11,9 +11,9 @@ from torch import nn
 from apical.dendrites.attention import DendriticMultiheadAttention
 from apical.dendrites.config import DendriteConfig
 from apical.dendrites.layer import DendriticLayer
-from apical.dendrites.model import _matches, _opaque_children, _why_not
 from apical.dendrites.recurrent import _DendriticRecurrent
 from apical.dendrites.registry import is_dendritic_root
+from apical.dendrites.selection import _matches, _opaque_children, _why_not
 
 __all__ = ["Coverage", "CoverageEntry", "coverage"]
 

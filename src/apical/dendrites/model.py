@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 
 from torch import Tensor, nn
 
 from apical.dendrites.config import DendriteConfig
+from apical.dendrites.coverage import coverage
 from apical.dendrites.layer import DendriticLayer
 from apical.dendrites.registry import is_dendritic_root, layer_class_for, layer_registry
+from apical.dendrites.selection import _matches, _opaque_children, _why_not
+
+__all__ = ["PerforationError", "apply_structure", "dendrite_count", "dendritic_layers", "parameter_count",
+           "perforate", "planned_layers", "roots_for", "structure", "unwrap"]
 
 log = logging.getLogger("apical")
-
-# containers that read their children's weights directly instead of calling them: their
-# children are never wrapped on their own (the container's own registry entry handles them)
-_OPAQUE_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-
 
 class PerforationError(ValueError):
     """The model or the include/exclude selection cannot be perforated as asked."""
@@ -28,34 +27,9 @@ def dendritic_layers(model: nn.Module) -> list[tuple[str, DendriticLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DendriticLayer)]
 
 
-def _matches(name: str, module: nn.Module, selector: str | type) -> bool:
-    if isinstance(selector, type):
-        return isinstance(module, selector)
-    return name == selector or re.fullmatch(selector, name) is not None
-
-
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
-
-
-def _opaque_children(names: dict[str, nn.Module]) -> dict[str, str]:
-    """Descendants of modules that read their weights directly -> that module's type name."""
-    out: dict[str, str] = {}
-    for pname, parent in names.items():
-        if isinstance(parent, _OPAQUE_PARENTS):
-            for cname, _ in parent.named_modules():
-                if cname:
-                    out[f"{pname}.{cname}" if pname else cname] = type(parent).__name__
-    return out
-
-
-def _why_not(module: nn.Module) -> str | None:
-    """Why the registry cannot wrap ``module`` (None: it can)."""
-    cls = layer_class_for(module)
-    if cls is None:
-        return f"unsupported type {type(module).__name__}"
-    return cls.unsupported(module)
 
 
 def _lazy_error(name: str, module: nn.Module) -> PerforationError | None:
@@ -246,7 +220,6 @@ def perforate(model: nn.Module, config: DendriteConfig | None = None) -> nn.Modu
         if wrapper is not base:
             setattr(parent, attr, wrapper)
     _set_fast_paths(model, enabled=False)
-    from apical.dendrites.coverage import coverage  # late: coverage imports this module
 
     report = coverage(model, config)
     log.info("perforate: %s", report.summary())
