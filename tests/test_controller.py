@@ -478,3 +478,47 @@ def test_snapshots_keep_a_modules_extra_state():
     assert ctl.step(0.1).done  # worse, patience 1: done, the best network is back
     assert model[2].info == {"seen": 1}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+
+
+def _seven_layer_controller(prefix: str = "fc"):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(7)])
+    if prefix != "fc":  # the same model under other names
+        model = nn.ModuleDict({f"{prefix}{i}": layer for i, layer in enumerate(model)})
+    cfg = DendriteConfig(mode="pb", seed=0)
+    apical.perforate(model, cfg)
+    return model, Controller(model, cfg)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("history"), "controller state is missing ['history']"),
+    (lambda s: [s.pop(k) for k in ("counters", "maximize")], "controller state is missing ['counters', 'maximize']"),
+    (lambda s: s.update(version=99), "controller state version 99 is not supported (this apical reads version 1)"),
+    (lambda s: s["config"].update(mode="gd"), "controller state is for mode 'gd', this controller runs 'pb'"),
+    (lambda s: s["counters"].pop("since"), "controller state counters do not match: ['since']"),
+    (lambda s: s["counters"].update(extra=1), "controller state counters do not match: ['extra']"),
+    (lambda s: s["counters"].update(phase="rest"), "controller state has an unknown phase 'rest'"),
+])
+def test_load_state_dict_refuses_a_bad_state_with_a_message_that_names_it(edit, message):
+    _, ctl = _seven_layer_controller()
+    state = copy.deepcopy(ctl.state_dict())
+    edit(state)
+    with pytest.raises(ValueError) as err:
+        ctl.load_state_dict(state)
+    assert str(err.value) == message
+
+
+def test_load_state_dict_names_the_first_five_layers_of_each_side_and_ignores_include_exclude():
+    _, ctl = _seven_layer_controller()
+    _, other = _seven_layer_controller("layer")
+    with pytest.raises(ValueError) as err:
+        other.load_state_dict(copy.deepcopy(ctl.state_dict()))
+    assert str(err.value) == ("controller state structure names layers ['0', '1', '2', '3', '4'], the model has "
+                              "['layer0', 'layer1', 'layer2', 'layer3', 'layer4']")
+    # include / exclude only matter to perforate: not even an invalid pattern there stops a load
+    state = copy.deepcopy(ctl.state_dict())
+    state["config"].update(include=["bad(regex"], exclude=["also(bad"])
+    ctl.load_state_dict(state)
+    # a restored controller counts training forwards afresh: step() without one is refused
+    with pytest.raises(RuntimeError, match="before any training batch"):
+        ctl.step(0.5)
