@@ -104,3 +104,8 @@ def test_table_and_text_against_a_hand_written_report():
     assert big.table().splitlines()[1].split()[2] == "1,234,567"
     with pytest.raises(ValueError):  # a row of the wrong length is refused, not silently cut
         apical.Coverage.from_rows([["fc", "Linear", 72, True, True]])
+
+
+def test_the_table_keeps_the_blank_name_of_a_root_that_holds_parameters():
+    rows = apical.coverage(nn.Linear(2, 2)).table().splitlines()
+    assert rows[1].startswith("  " + " " * len("name")) and rows[1].split()[0] == "Linear"

@@ -426,3 +426,22 @@ def test_the_hidden_state_placement_adds_the_dendrites_to_h_and_is_chosen_throug
     assert torch.equal(fresh(x)[0], model(x)[0])
     with pytest.raises(ValueError, match="wraps GRU, not LSTM"):
         DendriticGRUOnHidden.wrap(nn.LSTM(4, 3))
+
+
+def test_a_nested_gru_loads_into_a_fresh_model(tmp_path):
+    """The layer 'enc.0.cell_l0' comes from the GRU 'enc.0' two levels down (found by walking the
+    name's prefixes past the containers)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"enc": nn.Sequential(nn.GRU(3, 4)), "head": nn.Linear(4, 2)})
+
+    model = build()
+    apical.perforate(model, apical.DendriteConfig(mode="gd"))
+    for _, layer in apical.dendritic_layers(model):
+        layer.install_random(1.0, torch.Generator().manual_seed(1))
+    assert [n for n, _ in apical.dendritic_layers(model)] == ["enc.0.cell_l0", "head"]
+    apical.save(tmp_path / "n.safetensors", model)  # no controller: a fresh load perforates by name
+    fresh = build()
+    apical.load(tmp_path / "n.safetensors", fresh)
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(fresh["enc"](x)[0], model["enc"](x)[0])
