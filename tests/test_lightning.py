@@ -126,3 +126,33 @@ def test_callback_grows_dendrites_on_attention():
     names = [n for n, _ in apical.dendritic_layers(lit)]
     assert "net.2.layers.0.self_attn.q_proj" in names and "net.2.layers.0.self_attn.out_proj" in names
     assert any(h["phase"] == "dendrite" for h in callback.history)
+
+
+class _GRUHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x.reshape(x.shape[0], 2, 4))[0][:, -1])
+
+
+class LitGRU(LitMLP):
+    """The same task read as 2 steps of 4 features by a GRU: the callback grows dendrites on its cell."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = _GRUHead()
+
+
+def test_callback_grows_dendrites_on_a_gru():
+    lit = LitGRU()
+    callback = DendriteCallback(apical.DendriteConfig(**dict(CONFIG, patience=1)), monitor="val_acc")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=8, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(lit, *_loaders())
+    assert [n for n, _ in apical.dendritic_layers(lit)] == ["net.rnn.cell_l0", "net.head"]
+    events = ",".join(h["event"] for h in callback.history)
+    assert any(h["phase"] == "dendrite" for h in callback.history) and "installed" in events, events
