@@ -522,3 +522,23 @@ def test_load_state_dict_names_the_first_five_layers_of_each_side_and_ignores_in
     # a restored controller counts training forwards afresh: step() without one is refused
     with pytest.raises(RuntimeError, match="before any training batch"):
         ctl.step(0.5)
+
+
+def test_finish_twice_is_refused_by_name():
+    _, ctl = _seven_layer_controller()
+    ctl.finish()
+    with pytest.raises(RuntimeError) as err:
+        ctl.finish()
+    assert str(err.value) == "training is already done"
+
+
+@pytest.mark.parametrize("sets", [0, 1, 2])
+def test_apply_structure_leaves_v_trainable_exactly_when_a_set_exists(sets):
+    """Zero-size tensors never require grad (plain DDP would wait for their gradient); v of an
+    installed set does, as after an install."""
+    model, _ = _seven_layer_controller()
+    apical.apply_structure(model, {name: {"dendrites": sets, "candidates": 0} for name, _ in
+                                   apical.dendritic_layers(model)})
+    for _, layer in apical.dendritic_layers(model):
+        assert layer.num_dendrites == sets
+        assert layer.dendrite_out.requires_grad is (sets > 0)
