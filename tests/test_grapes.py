@@ -975,3 +975,27 @@ def test_grapes_on_a_spiking_network_modulates_every_time_step():
     torch.testing.assert_close(modulated.fc1.weight.grad, factor[:, None] * plain.fc1.weight.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(modulated.fc1.bias.grad, factor * plain.fc1.bias.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(modulated.fc2.weight.grad, plain.fc2.weight.grad)
+
+
+def test_propagate_on_a_dendritic_conv_scales_its_channels():
+    """A perforated Conv2d (output [N, C, H, W] with W != C): the factor multiplies axis 1, so the
+    wrapped conv's gradients are the plain ones times F per output channel."""
+    from apical.grapes import grapes, grapes_factors
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 6, 3))
+        apical.perforate(net, apical.DendriteConfig(mode="pb", seed=0))
+        return net
+
+    x, y = torch.randn(3, 2, 5, 6), torch.tensor([0, 1, 2])
+    plain, modulated = build(), build()
+    nn.functional.cross_entropy(plain(x), y).backward()
+    handle = grapes(modulated)
+    nn.functional.cross_entropy(modulated(x), y).backward()
+    assert handle.layers == ["0"]
+    factor = grapes_factors(plain[0].base.weight)
+    assert factor.max() > 1.0
+    torch.testing.assert_close(modulated[0].base.weight.grad, factor[:, None, None, None] * plain[0].base.weight.grad,
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(modulated[0].base.bias.grad, factor * plain[0].base.bias.grad, rtol=1e-5, atol=1e-7)

@@ -159,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, c in rows:
             denom = c["total"] - c["equivalent"]
             denom -= c["not checked"]
-            rate = c["killed"] / denom if denom else 1.0
+            rate = c["killed"] / denom if denom else None  # nothing checked: no rate, not 100%
             is_group = name.startswith("**") or len(mods) == 1
             mark = ""
             if is_group:
-                ok = rate >= target
+                ok = rate is not None and rate >= target
                 verdict_ok &= ok
                 unfinished = c["not checked"] > 0
                 mark = f"{target:.0%} {'met' if ok else 'missed'}{' so far' if unfinished else ''}"
+            shown = "n/a" if rate is None else f"{rate:.1%}"
             lines.append(f"| {name} | {c['total']} | {c['killed']} | {c['equivalent']} | {c['survived']} | "
-                         f"{c['no tests']} | {c['not checked']} | {rate:.1%} | {mark} |")
+                         f"{c['no tests']} | {c['not checked']} | {shown} | {mark} |")
     lines += ["", "## Mutants not killed", ""]
     for rel in sorted(open_rows):
         lines += [f"### {rel}", "", "| function | status | original | mutant |", "|---|---|---|---|",
