@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--widths", default="1", help="comma-separated hidden-size multipliers (64 at width 1)")
     parser.add_argument("--modes", default="none,none-long,gd,pb")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the table of the runs finished so far (a partial table)")
     parser.add_argument("--paper-switching", action="store_true",
                         help="pb only, with 4x the patience in its neuron phases (the paper's long phases)")
     args = parser.parse_args()
@@ -54,8 +56,11 @@ def main() -> None:
              for k, v in vars(args).items() if v is not False]
     result = apical.trial(task, modes=modes, seeds=args.seeds, widths=widths, out=RESULTS / name,
                           progress=False, log=lambda m: print(m, flush=True),
-                          command="python benchmarks/tox21_gnn.py " + " ".join(flags))
+                          command="python benchmarks/tox21_gnn.py " + " ".join(flags), report_only=args.report_only)
     body = (RESULTS / name / "trial.md").read_text()
+    if args.report_only:
+        body = body.replace("\n## ", f"\n**Partial: {len(result.records)} runs finished so far; rerun without "
+                            "--report-only to continue.**\n\n## ", 1)
     for png in ("curves.png", "compression.png"):
         body = body.replace(f"]({png})", f"]({name}/{png})")
     (RESULTS / f"{name}.md").write_text(body.rstrip() + "\n\n" + ANCHORS)

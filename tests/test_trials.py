@@ -336,3 +336,12 @@ def test_the_readme_task_file_runs_as_written(tmp_path, monkeypatch):
     assert main(["trial", "my_task.py", "--seeds", "2", "--modes", "none,pb", "--set", "max_epochs=3",
                  "--out", "trial-out"]) == 0
     assert "| none-matched | 2 |" in (tmp_path / "trial-out" / "trial.md").read_text()
+
+
+def test_report_only_writes_the_table_of_the_runs_so_far_and_trains_nothing(tmp_path, monkeypatch):
+    task = load_task_file(TASK_FILE).with_settings(max_epochs=4)
+    apical.trial(task, modes=("none",), seeds=2, out=tmp_path)  # a trial stopped after its none runs
+    monkeypatch.setattr(trial_runner, "train", lambda *a, **k: pytest.fail("report_only must not train"))
+    result = apical.trial(task, modes=("none", "pb"), seeds=2, out=tmp_path, report_only=True)
+    assert [r["mode"] for r in result.records] == ["none", "none"]
+    assert "| none | 2 |" in (tmp_path / "trial.md").read_text()

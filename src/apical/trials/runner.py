@@ -108,7 +108,8 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
           widths: Sequence[float] = (1.0,), out: str | os.PathLike[str] | None = "trial-out", *,
           progress: bool = True, report: bool = True, log: Callable[[str], None] | None = None,
           command: str | None = None,
-          run_options: Callable[[str, int, float], Mapping[str, Any]] | None = None) -> TrialResult:
+          run_options: Callable[[str, int, float], Mapping[str, Any]] | None = None,
+          report_only: bool = False) -> TrialResult:
     """Train ``task`` in every mode on the same seeds, at every width, and compare the modes.
 
     ``none-matched`` is added whenever gd or pb runs: plain training (none-long's patience) at the
@@ -118,7 +119,8 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
     the end ``out`` gets ``trial.md`` (tables, paired CIs, verdicts) and, with matplotlib, the
     curves and compression plots. ``seeds``: a count (seeds 0..N-1) or the seeds themselves.
     ``run_options(mode, seed, width)``: extra keyword arguments of a run's training (``on_epoch``,
-    ``run_dir``: see :func:`apical.trials.run.train`).
+    ``run_dir``: see :func:`apical.trials.run.train`). ``report_only``: train nothing; write the
+    report of the runs already in ``out`` (a partial table of an unfinished trial).
     """
     if not isinstance(task, Task):
         raise TaskError(f"trial() needs an apical.Task, got {type(task).__name__}")
@@ -160,6 +162,8 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
         key = (mode, seed, for_width)
         if key in done:
             results[key] = done[key]
+        elif report_only:
+            return
         else:
             if seed not in split_cache:
                 split_cache.clear()  # one seed's data in memory at a time
@@ -184,7 +188,13 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
         if MATCHED in modes:
             for width in width_list:
                 target_mode = "pb" if "pb" in modes else "gd"
-                counts = [results[(target_mode, s, width)]["parameters"] for s in seed_list]
+                counts = [results[(target_mode, s, width)]["parameters"] for s in seed_list
+                          if (target_mode, s, width) in results]
+                if report_only:
+                    for seed in seed_list:
+                        if (MATCHED, seed, width) in done:
+                            results[(MATCHED, seed, width)] = done[(MATCHED, seed, width)]
+                    continue
                 matched = matched_width(task, width, sum(counts) / len(counts))
                 for seed in seed_list:
                     run(MATCHED, seed, width, matched)
