@@ -445,3 +445,55 @@ def test_a_nested_gru_loads_into_a_fresh_model(tmp_path):
     apical.load(tmp_path / "n.safetensors", fresh)
     x = torch.randn(5, 2, 3)
     assert torch.equal(fresh["enc"](x)[0], model["enc"](x)[0])
+
+
+@pytest.mark.parametrize("kind", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
+def test_a_cell_keeps_its_own_signature_with_and_without_sets(kind):
+    """Batched and unbatched inputs, with and without an initial state, through the fused cell (no
+    set) and through the step (a set with v = 0): always the plain cell's outputs."""
+    torch.manual_seed(0)
+    plain = kind(4, 3)
+    box = nn.Sequential(copy.deepcopy(plain))
+    apical.perforate(box, apical.DendriteConfig(mode="gd"))
+    cell = box[0]
+    lstm = kind is nn.LSTMCell
+    x = torch.randn(2, 4)
+    h = (torch.randn(2, 3), torch.randn(2, 3)) if lstm else torch.randn(2, 3)
+
+    def same(a, b):
+        return all(torch.allclose(p, q, atol=1e-6) for p, q in zip(_as_tuple(a), _as_tuple(b), strict=True))
+
+    for installed in (False, True):
+        if installed:
+            cell.install_random(1.0, torch.Generator().manual_seed(1))
+        assert cell.active is installed
+        assert same(cell(x, h), plain(x, h))
+        assert same(cell(x), plain(x))
+        h1 = tuple(t[0] for t in h) if lstm else h[0]
+        out = cell(x[0], h1)
+        assert same(out, plain(x[0], h1)) and _as_tuple(out)[0].shape == (3,)
+        assert same(cell(x[0]), plain(x[0]))
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def test_the_hidden_placement_on_an_lstm_adds_to_h_and_leaves_c():
+    from apical.dendrites.recurrent import DendriticRecurrentCellOnHidden
+
+    torch.manual_seed(2)
+    plain = nn.LSTMCell(4, 3)
+    box = nn.Sequential(copy.deepcopy(plain))
+    with apical.layer_registry.registered(nn.LSTMCell, DendriticRecurrentCellOnHidden):
+        apical.perforate(box, apical.DendriteConfig(mode="pb"))
+    cell = box[0]
+    cell.install_random(1.0, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cell.dendrite_out.normal_(generator=torch.Generator().manual_seed(3))
+    x, h, c = torch.randn(2, 4), torch.randn(2, 3), torch.randn(2, 3)
+    w, b, v = cell.dendrite_weight[0].detach(), cell.dendrite_bias[0].detach(), cell.dendrite_out[0].detach()
+    h_plain, c_plain = plain(x, (h, c))
+    h_new, c_new = cell(x, (h, c))
+    assert torch.allclose(c_new, c_plain, atol=1e-6)
+    assert torch.allclose(h_new, h_plain + v * torch.sigmoid(torch.cat([x, h], 1) @ w.T + b), atol=1e-6)
