@@ -117,12 +117,18 @@ class LitAttention(LitMLP):
                                  nn.Flatten(), nn.Linear(16, 3))
 
 
-def test_callback_grows_dendrites_on_attention():
-    lit = LitAttention()
+def _fit_briefly(lit, epochs: int) -> DendriteCallback:
+    """A short single-process fit with patience 1, so that a dendrite phase comes early."""
     callback = DendriteCallback(apical.DendriteConfig(**dict(CONFIG, patience=1)), monitor="val_acc")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(lit, *_loaders())
+    return callback
+
+
+def test_callback_grows_dendrites_on_attention():
+    lit = LitAttention()
+    callback = _fit_briefly(lit, 6)
     names = [n for n, _ in apical.dendritic_layers(lit)]
     assert "net.2.layers.0.self_attn.q_proj" in names and "net.2.layers.0.self_attn.out_proj" in names
     assert any(h["phase"] == "dendrite" for h in callback.history)
@@ -149,10 +155,7 @@ class LitGRU(LitMLP):
 
 def test_callback_grows_dendrites_on_a_gru():
     lit = LitGRU()
-    callback = DendriteCallback(apical.DendriteConfig(**dict(CONFIG, patience=1)), monitor="val_acc")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=8, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
-    trainer.fit(lit, *_loaders())
+    callback = _fit_briefly(lit, 8)
     assert [n for n, _ in apical.dendritic_layers(lit)] == ["net.rnn.cell_l0", "net.head"]
     events = ",".join(h["event"] for h in callback.history)
     assert any(h["phase"] == "dendrite" for h in callback.history) and "installed" in events, events
