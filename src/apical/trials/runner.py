@@ -190,14 +190,12 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
                 target_mode = "pb" if "pb" in modes else "gd"
                 counts = [results[(target_mode, s, width)]["parameters"] for s in seed_list
                           if (target_mode, s, width) in results]
-                if report_only:
-                    for seed in seed_list:
-                        if (MATCHED, seed, width) in done:
-                            results[(MATCHED, seed, width)] = done[(MATCHED, seed, width)]
-                    continue
-                matched = matched_width(task, width, sum(counts) / len(counts))
+                matched = None if report_only else matched_width(task, width, sum(counts) / len(counts))
                 for seed in seed_list:
-                    run(MATCHED, seed, width, matched)
+                    key = (MATCHED, seed, width)
+                    if matched is not None and key in done and float(done[key]["width"]) != matched:
+                        del done[key]  # matched to other pb runs (fewer seeds then): trained again
+                    run(MATCHED, seed, width, matched if matched is not None else width)
     finally:
         if bar is not None:
             bar.close()
