@@ -661,9 +661,9 @@ def test_error_messages_name_what_is_wrong():
         ({"exclude": nn.Linear}, r"^exclude must be a sequence of names/regexes/types, e\.g\. \[<class "),
         ({"layers": [3]}, r"^layers: 3 is neither a name, a regex nor a module type$"),
         ({"exclude": [None]}, r"^exclude: None is neither a name, a regex nor a module type$"),
-        ({"layers": ["nope"]}, r"^layers: 'nope' matches no Linear/Conv/dendritic layer of the model; "
+        ({"layers": ["nope"]}, r"^layers: 'nope' matches no Linear/Conv/recurrent/dendritic layer of the model; "
                                r"its layers are \['0', '2', '4'\]$"),
-        ({"exclude": ["1"]}, r"^exclude: '1' matches no Linear/Conv/dendritic layer"),
+        ({"exclude": ["1"]}, r"^exclude: '1' matches no Linear/Conv/recurrent/dendritic layer"),
         ({"layers": ["2"], "exclude": ["2"]},
          r"^nothing left to modulate after layers=\['2'\], exclude=\['2'\] \(layers: \['0', '2', '4'\]\)$"),
     ]
@@ -674,7 +674,7 @@ def test_error_messages_name_what_is_wrong():
         grapes(3)
     with pytest.raises(TypeError, match=r"^grapes expects an nn\.Module, got Tensor$"):
         grapes(torch.zeros(2, 2))
-    no_layer = r"^the model has no nn\.Linear / nn\.Conv1d/2d/3d / dendritic layer to modulate$"
+    no_layer = r"^the model has no nn\.Linear / nn\.Conv1d/2d/3d / recurrent / dendritic layer to modulate$"
     with pytest.raises(ValueError, match=no_layer):
         grapes(nn.Sequential(nn.Tanh(), nn.ReLU()))
     parametrized = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Linear(4, 1))
@@ -742,8 +742,8 @@ def test_layers_inside_multihead_attention_are_left_alone():
     """MultiheadAttention reads out_proj.weight directly (out_proj's forward never runs): not a target."""
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(4, 2), "head": nn.Linear(4, 2)})
     assert grapes(model, exclude=()).layers == ["head"]
-    with pytest.raises(ValueError, match=r"matches no Linear/Conv/dendritic layer of the model; its layers are "
-                                         r"\['head'\]$"):
+    with pytest.raises(ValueError, match=r"matches no Linear/Conv/recurrent/dendritic layer of the model; "
+                                         r"its layers are \['head'\]$"):
         grapes(model, layers=["attn.out_proj"])
 
 
