@@ -123,3 +123,40 @@ def test_grapes_on_top_of_fa_and_bad_arguments():
     with pytest.raises(ValueError, match="attached twice"):
         feedback_alignment(model)
     first.remove()
+
+
+def _hand_factor(w):
+    """The unclipped GRAPES factor by hand: twice each row's sum of |w| over the largest row sum."""
+    rows = [float(sum(abs(v) for v in row)) for row in w.tolist()]
+    return torch.tensor([2 * r / max(rows) for r in rows])
+
+
+@pytest.mark.parametrize("mode", ["fa", "dfa"])
+def test_grapes_on_top_of_feedback_alignment_matches_the_hand_written_updates(mode):
+    """GRAPES (propagate, clip=None, output layer left alone) multiplies each hidden layer's error at
+    its output by F; under fa that error then travels down through B (so factors compound), under dfa
+    the hidden layers get B e from the output error (no compounding)."""
+    from apical.grapes import grapes
+
+    model = _mlp()
+    with torch.no_grad():  # rows of different sizes, so that factors differ (some below 1)
+        model[0].weight.mul_(torch.tensor([1.0, 0.3, 0.6, 0.9])[:, None])
+        model[2].weight.mul_(torch.tensor([0.2, 1.0, 0.5])[:, None])
+    x, t = _data()
+    fa = feedback_alignment(model, mode, seed=3)
+    g = grapes(model, clip=None)
+    assert g.layers == ["0", "2"]
+    F.mse_loss(model(x), t).backward()
+    fb = fa.feedback
+    f = {1: _hand_factor(model[0].weight), 2: _hand_factor(model[2].weight)}
+    assert min(float(v.min()) for v in f.values()) < 1.0  # unclipped: some errors shrink
+    if mode == "fa":
+        want = _hand(model, x, t, lambda i, e, delta: (delta @ fb[{1: "2", 2: "4"}[i]]) * f[i])
+    else:
+        want = _hand(model, x, t, lambda i, e, delta: (e @ fb[{1: "2", 2: "4"}[i]].T) * f[i])
+    for name, (gw, gb) in want.items():
+        layer = dict(model.named_modules())[name]
+        torch.testing.assert_close(layer.weight.grad, gw, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(layer.bias.grad, gb, rtol=1e-5, atol=1e-7)
+    g.remove()
+    fa.remove()
