@@ -34,3 +34,47 @@ def test_quick_run_writes_every_arm_seed_and_a_matched_control(tmp_path):
     assert "apical bench grapes --quick" in md and "What this shows" in md
     for label in bench.ARMS.values():
         assert label in md
+
+
+def test_claims_quick_run_is_resumable_and_its_report_rebuilds_from_the_jsonl(tmp_path):
+    from apical.bench import grapes_claims as claims
+
+    names = ["depth", "fa", "recurrent", "forgetting"]
+    try:
+        import snntorch  # noqa: F401
+        names.append("spiking")
+    except ImportError:
+        pass
+    (tmp_path / "grapes.md").write_text("# speed report\n")
+    argv = ["--claims", ",".join(names), "--quick", "--seeds", "2", "--out", str(tmp_path)]
+    bench.main(argv)
+    lines = [json.loads(x) for x in (tmp_path / "grapes_claims.jsonl").read_text().splitlines()]
+    settings = {n: claims.quick(s) for n, s in claims.SETTINGS.items() if s.claim in names}
+    expected = sum(len(s.arms) * len(s.lrs) * 2 + 2 for s in settings.values())
+    assert len(lines) == expected
+    for name, s in settings.items():
+        mine = [r for r in lines if r["setting"] == name]
+        # the chosen lr is the grid value with the best mean final validation accuracy, by hand
+        means = {lr: sum(r["final_val"] for r in mine if r["arm"] == "grapes" and r["lr"] == lr) / 2 for lr in s.lrs}
+        best = max(means.values())
+        lr_g = min(lr for lr, v in means.items() if v == best)
+        for seed in (0, 1):
+            g = next(r for r in mine if r["arm"] == "grapes" and r["lr"] == lr_g and r["seed"] == seed)
+            c = next(r for r in mine if r["arm"] == "control" and r["seed"] == seed)
+            assert c["lr"] == pytest.approx(lr_g * g["mean_factor"], rel=1e-12)
+            assert len(g["val_curve"]) == s.epochs * s.tasks
+            if s.clip is not None:
+                assert 1.0 <= g["mean_factor"] <= 2.0
+    # resumable: a second call trains nothing new
+    bench.main(argv)
+    assert len((tmp_path / "grapes_claims.jsonl").read_text().splitlines()) == expected
+    md = (tmp_path / "grapes.md").read_text()
+    assert md.startswith("# speed report") and md.count(claims.BEGIN) == 1
+    for claim in names:
+        assert f"### Claim: {claim}" in md
+    assert md.count("**Verdict (") == len(names)
+    # the report rebuilds from the jsonl alone
+    (tmp_path / "grapes_claims.md").unlink()
+    bench.main([*argv, "--report-only"])
+    assert "**Verdict (" in (tmp_path / "grapes_claims.md").read_text()
+    assert (tmp_path / "grapes.md").read_text().count(claims.BEGIN) == 1
