@@ -140,6 +140,12 @@ def test_conv_statistics_and_gradients_match_one_process(runs):
     _assert_like_one_process(runs, "conv", 3 * 8 * 25)
 
 
+def test_low_rank_conv_statistics_and_shared_projection_gradients_match_one_process(runs):
+    """Low-rank sets (dendrite_rank=2): the candidates' mix and shared projection gradients."""
+    assert len(runs[1]["conv_low_rank"]["grads"]) == 6  # mix and projection, 3 batches
+    _assert_like_one_process(runs, "conv_low_rank", 3 * 8 * 25)
+
+
 def test_gru_statistics_over_batch_and_time_and_gradients_match_one_process(runs):
     """A GRU's candidates under DDP: one reduction per time step, the same epoch statistics and
     candidate gradients as one process on the global batches."""

@@ -314,7 +314,10 @@ def test_the_digits_suite_through_the_new_runner_reproduces_the_committed_table(
     for mode in ("none", "pb"):
         new = suites.run_job(suite, suites.Job("mlp", mode, 0.25, 0), settings, timeout=600)
         was = old[(mode, 0)]
-        assert new["settings"] == was["settings"] and new["config"] == was["config"]
+        # fields added to DendriteConfig since then are at their defaults (dendrite_rank: None)
+        added = {k: v for k, v in new["config"].items() if k not in was["config"]}
+        assert added == {"dendrite_rank": None}
+        assert new["settings"] == was["settings"] and {k: new["config"][k] for k in was["config"]} == was["config"]
         keys = ("test_score", "val_score", "epochs", "parameters", "dendrites")
         assert {k: new["result"][k] for k in keys} == {k: was["result"][k] for k in keys}, mode
 
@@ -345,3 +348,40 @@ def test_report_only_writes_the_table_of_the_runs_so_far_and_trains_nothing(tmp_
     result = apical.trial(task, modes=("none", "pb"), seeds=2, out=tmp_path, report_only=True)
     assert [r["mode"] for r in result.records] == ["none", "none"]
     assert "| none | 2 |" in (tmp_path / "trial.md").read_text()
+
+
+def test_select_on_loss_gives_the_controller_the_validation_loss():
+    """train(select_on="loss"): every controller decision reads the validation cross-entropy (lower
+    is better), computed here by hand after each epoch; the default reads the metric."""
+    from apical.trials.run import train
+
+    task = load_task_file(TASK_FILE).with_settings(max_epochs=6, patience=1)
+    splits = task.data(0)
+    x_val, y_val = splits[1].tensors
+    seen: list[float] = []
+    accuracy: list[float] = []
+
+    def by_hand(model, ctl):
+        model.eval()
+        with torch.no_grad():
+            out = model(x_val)
+            seen.append(float(F.cross_entropy(out, y_val)))
+            accuracy.append(float((out.argmax(1) == y_val).float().mean()))
+        model.train()
+
+    out = train(task, "pb", 0, 1.0, splits, on_epoch=by_hand, select_on="loss")
+    scores = [h["score"] for h in out["history"]]
+    assert len(scores) == len(seen) >= 2
+    np.testing.assert_allclose(scores, seen, rtol=1e-5)
+    # a network that overfits (lr 0.1, width 16): its lowest validation loss comes at epoch 12, its best
+    # accuracy at epoch 25; the network kept is the one its signal picks
+    overfit = task.with_settings(max_epochs=25, patience=25, lr=0.1)
+    kept = {}
+    for chosen in ("loss", "metric"):
+        seen.clear(), accuracy.clear()
+        kept[chosen] = train(overfit, "none", 0, 16.0, splits, on_epoch=by_hand, select_on=chosen)["val"]
+    assert accuracy[int(np.argmin(seen))] < max(accuracy)
+    assert kept["loss"] == pytest.approx(accuracy[int(np.argmin(seen))], abs=1e-6)
+    assert kept["metric"] == pytest.approx(max(accuracy), abs=1e-6)
+    with pytest.raises(ValueError, match="select_on"):
+        train(task, "none", 0, 1.0, splits, select_on="val")

@@ -98,8 +98,9 @@ _JSON_KEYS = ("structure", "config", "layers", "model", "controller", "stats", "
 _META_KEYS = ("format", "format_version", "apical_version", "torch_version", *_JSON_KEYS, "sha256")
 # entries a file may lack (written by an older apical); read only by ``apical inspect``
 _OPTIONAL_META_KEYS = ("coverage",)
-_DENDRITE_ATTRS = ("dendrite_weight", "dendrite_bias", "dendrite_cascade", "dendrite_out")
-_CANDIDATE_ATTRS = ("candidate_weight", "candidate_bias", "candidate_cascade")
+_DENDRITE_ATTRS = ("dendrite_weight", "dendrite_bias", "dendrite_cascade", "dendrite_out", "dendrite_proj")
+_CANDIDATE_ATTRS = ("candidate_weight", "candidate_bias", "candidate_cascade", "candidate_proj")
+_LAYER_INFO = ("activation", "normaliser", "centring")
 _STAT_FIELDS = ("shift_a", "shift_d", *CorrelationStats.FIELDS)
 _TAGS = ("__tensor__", "__float__", "__tuple__", "__dict__")
 # torch optimisers whose every non-scalar state tensor has its parameter's shape
@@ -310,9 +311,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(directory)
 
 
-def _layer_info(model: nn.Module) -> dict[str, dict[str, str]]:
+def _layer_info(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {
-        name: {"activation": layer.activation, "normaliser": layer.normaliser, "centring": layer.centring}
+        name: {"activation": layer.activation, "normaliser": layer.normaliser, "centring": layer.centring,
+               **({} if layer.rank is None else {"rank": layer.rank})}
         for name, layer in dendritic_layers(model)
     }
 
@@ -326,7 +328,7 @@ def _config_for(model: nn.Module, controller: Controller | None) -> DendriteConf
     first = layers[0][1]
     return DendriteConfig(
         mode="pb" if first.perforated else "gd", activation=first.activation, normaliser=first.normaliser,
-        centring=first.centring, candidate_lr_scale=first.candidate_scale,
+        centring=first.centring, candidate_lr_scale=first.candidate_scale, dendrite_rank=first.rank,
         include=[re.escape(name) for name, _ in layers],  # names, not patterns: "fc.1" must not match "fcx1"
     )
 
@@ -505,13 +507,30 @@ def _opt_number(value: Any, what: str) -> None:
         raise _Invalid(f"{what} must be a finite number or null, got {value!r}")
 
 
-def _layer_shapes(o: int, tail: tuple[int, ...], d: int, c: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of a dendritic layer's own tensors with d installed and c candidate sets."""
-    shapes = {"dendrite_weight": (d, o, *tail), "dendrite_bias": (d, o), "dendrite_cascade": (d, d, o),
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """A dendritic layer's shape: ``O`` neurons reading ``tail``; low-rank sets (``rank``) project
+    to ``rows`` features (``rank`` per group of the wrapped op)."""
+
+    o: int
+    tail: tuple[int, ...]
+    rank: int | None = None
+    rows: int = 0
+
+
+def _layer_shapes(geo: _Geometry, d: int, c: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of a dendritic layer's own tensors with d installed and c candidate sets, in the
+    layer's state-dict order."""
+    o, inputs = geo.o, geo.tail if geo.rank is None else (geo.rank,)
+    shapes = {"dendrite_weight": (d, o, *inputs), "dendrite_bias": (d, o), "dendrite_cascade": (d, d, o),
               "dendrite_out": (d, o)}
     if c:
-        shapes.update({"candidate_weight": (c, o, *tail), "candidate_bias": (c, o),
+        shapes.update({"candidate_weight": (c, o, *inputs), "candidate_bias": (c, o),
                        "candidate_cascade": (c, d, o)})
+    if geo.rank is not None:
+        shapes["dendrite_proj"] = (d, geo.rows, *geo.tail)
+        if c:
+            shapes["candidate_proj"] = (1, geo.rows, *geo.tail)
     return shapes
 
 
@@ -554,11 +573,13 @@ def _check_layer_info(info: Any, record: dict) -> dict[str, dict[str, str]]:
     if not isinstance(info, dict) or set(info) != set(record):
         raise _Invalid("layers metadata does not name the same layers as the structure")
     for name, entry in info.items():
-        if not (isinstance(entry, dict) and set(entry) == {"activation", "normaliser", "centring"}):
-            raise _Invalid(f"layers[{name!r}] must hold activation, normaliser and centring")
+        if not (isinstance(entry, dict) and set(entry) - {"rank"} == set(_LAYER_INFO)):
+            raise _Invalid(f"layers[{name!r}] must hold activation, normaliser and centring (and rank, if low-rank)")
         for key, choices in (("activation", ACTIVATIONS), ("normaliser", NORMALISERS), ("centring", CENTRING)):
             if entry[key] not in choices:
                 raise _Invalid(f"layers[{name!r}].{key} is {entry[key]!r}, not one of {choices}")
+        if "rank" in entry:
+            _int(entry["rank"], f"layers[{name!r}].rank", minimum=1)
     return info
 
 
@@ -583,7 +604,12 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
             if layer.activation != info[name]["activation"]:
                 raise _Invalid(f"layer {name!r} uses activation {layer.activation!r}, the checkpoint's "
                                f"uses {info[name]['activation']!r}")
-        geometry = {n: (layer.out_channels, layer.weight_tail, layer.neuron_weight()) for n, layer in current.items()}
+            if layer.rank != info[name].get("rank"):
+                raise _Invalid(f"layer {name!r} has dendrite rank {layer.rank!r}, the checkpoint's "
+                               f"{info[name].get('rank')!r}: perforate with the checkpoint's dendrite_rank")
+        geometry = {n: (_Geometry(layer.out_channels, layer.weight_tail, layer.rank,
+                                  layer.projection_groups * (layer.rank or 0)), layer.neuron_weight())
+                    for n, layer in current.items()}
     elif record:
         activations = {entry["activation"] for entry in info.values()}
         data = dict(config_dict, include=[re.escape(n) for n in roots_for(model, record)], exclude=[])
@@ -602,10 +628,17 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
             raise _Invalid(f"the model cannot be perforated as recorded: {err}") from None
         if set(planned) != set(record):
             raise _Invalid(f"the model cannot be perforated as recorded (would wrap {sorted(planned)[:3]})")
+        ranks = {entry.get("rank") for entry in info.values()}
+        if ranks != {perforate_config.dendrite_rank}:
+            raise _Invalid(f"layers use dendrite ranks {sorted(ranks, key=str)}, the config says "
+                           f"{perforate_config.dendrite_rank!r}: perforate the model as it was, then load")
         geometry = {}
         for n in record:
-            w = planned[n][1]
-            geometry[n] = (int(w.shape[0]), tuple(int(s) for s in w.shape[1:]), w)
+            root, w = planned[n]
+            rank = info[n].get("rank")
+            groups = int(getattr(model.get_submodule(root), "groups", 1)) if n == root else 1
+            geometry[n] = (_Geometry(int(w.shape[0]), tuple(int(s) for s in w.shape[1:]), rank,
+                                     groups * (rank or 0)), w)
     else:
         geometry = {}
     by_length = sorted(record, key=len, reverse=True)
@@ -623,8 +656,8 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
         n = owner(key)
         if n is not None and n not in seen:  # the layer's own tensors come first in state-dict order
             seen.add(n)
-            o, tail, w = geometry[n]
-            for attr, shape in _layer_shapes(o, tail, record[n]["dendrites"], record[n]["candidates"]).items():
+            geo, w = geometry[n]
+            for attr, shape in _layer_shapes(geo, record[n]["dendrites"], record[n]["candidates"]).items():
                 slots[f"{n}.{attr}"] = _Slot(shape, w.dtype, w.device, n, attr)
         if n is not None and key[len(n) + 1:] in (*_DENDRITE_ATTRS, *_CANDIDATE_ATTRS) and perforate_config is None:
             continue
@@ -634,8 +667,8 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
             slots[rename(key)] = _Slot(None, None, None)
     for n in record:  # layers that own no tensor of the un-perforated model (attention projections)
         if n not in seen:
-            o, tail, w = geometry[n]
-            for attr, shape in _layer_shapes(o, tail, record[n]["dendrites"], record[n]["candidates"]).items():
+            geo, w = geometry[n]
+            for attr, shape in _layer_shapes(geo, record[n]["dendrites"], record[n]["candidates"]).items():
                 slots[f"{n}.{attr}"] = _Slot(shape, w.dtype, w.device, n, attr)
     params = {rename(k) for k, _ in model.named_parameters()}
     params |= {k for k, s in slots.items() if s.layer is not None}
@@ -700,8 +733,8 @@ def _check_snapshot(label: str, snap: Any, slots: dict[str, _Slot], record: dict
         if slot.shape is None:
             continue
         if slot.layer is not None:  # snapshots may predate the latest dendrite set
-            o, tail = _geometry(slots, slot.layer)
-            slot = dataclasses.replace(slot, shape=_layer_shapes(o, tail, counts[slot.layer], 0)[slot.attr])
+            geo = _geometry(slots, slot.layer)
+            slot = dataclasses.replace(slot, shape=_layer_shapes(geo, counts[slot.layer], 0)[slot.attr])
         _check_tensor(key, snap[key], slot, f"controller {label} tensor", record)
 
 
@@ -777,13 +810,17 @@ def _check_controller(state: Any, controller: Controller, model: nn.Module, reco
         if not isinstance(snap, dict) or set(snap) != set(record):
             raise _Invalid("controller dp_snapshot does not name the dendritic layers")
         for name, fields in snap.items():
-            if not (isinstance(fields, dict) and set(fields) == {"weight", "bias", "cascade", "scores", "signs"}):
-                raise _Invalid(f"controller dp_snapshot[{name!r}] must hold weight, bias, cascade, scores, signs")
-            shapes = _layer_shapes(*_geometry(slots, name), record[name]["dendrites"], record[name]["candidates"])
+            geo = _geometry(slots, name)
+            names = ["weight", "bias", "cascade", "scores", "signs", *(["proj"] if geo.rank is not None else [])]
+            if not (isinstance(fields, dict) and set(fields) == set(names)):
+                raise _Invalid(f"controller dp_snapshot[{name!r}] must hold {', '.join(names)}")
+            shapes = _layer_shapes(geo, record[name]["dendrites"], record[name]["candidates"])
             dtype = slots[f"{name}.dendrite_weight"].dtype
             wanted = {"weight": (shapes["candidate_weight"], dtype), "bias": (shapes["candidate_bias"], dtype),
                       "cascade": (shapes["candidate_cascade"], dtype), "scores": (shapes["candidate_bias"],
                       torch.float64), "signs": (shapes["candidate_bias"], torch.float64)}
+            if geo.rank is not None:
+                wanted["proj"] = (shapes["candidate_proj"], dtype)
             for field, (shape, dt) in wanted.items():
                 _check_tensor(field, fields[field], _Slot(shape, dt, None), f"controller dp_snapshot[{name!r}]",
                               record)
@@ -798,9 +835,12 @@ def _check_controller(state: Any, controller: Controller, model: nn.Module, reco
     return state
 
 
-def _geometry(slots: dict[str, _Slot], layer: str) -> tuple[int, tuple[int, ...]]:
+def _geometry(slots: dict[str, _Slot], layer: str) -> _Geometry:
     shape = slots[f"{layer}.dendrite_weight"].shape
-    return shape[1], shape[2:]
+    proj = slots.get(f"{layer}.dendrite_proj")
+    if proj is None:
+        return _Geometry(shape[1], shape[2:])
+    return _Geometry(shape[1], proj.shape[2:], shape[2], proj.shape[1])
 
 
 def _check_stats(stats: Any, record: dict, slots: dict[str, _Slot]) -> dict[str, dict[str, Any]]:
@@ -814,7 +854,7 @@ def _check_stats(stats: Any, record: dict, slots: dict[str, _Slot]) -> dict[str,
         _opt_number(entry["n"], f"stats[{name!r}].n")
         if entry["n"] is None or entry["n"] <= 0:
             raise _Invalid(f"stats[{name!r}].n must be positive")
-        o = _geometry(slots, name)[0]
+        o = _geometry(slots, name).o
         c = record[name]["candidates"]
         for field in _STAT_FIELDS:
             value = entry[field]

@@ -161,20 +161,35 @@ class FusedDendriticLinear(_FusedDendrites):
 
     def __init__(self, layer: DendriticLinear) -> None:
         super().__init__()
-        o, d = layer.out_channels, layer.num_dendrites
+        o = layer.out_channels
         self.out_features = o
-        weight = torch.cat([layer.neuron_weight().detach()[None], layer.dendrite_weight.detach()])
-        bias = _base_bias(layer)
-        bias = torch.cat([bias[None], layer.dendrite_bias.detach()])
+        self.rank = layer.rank
+        if layer.rank is None:
+            weight = torch.cat([layer.neuron_weight().detach()[None], layer.dendrite_weight.detach()])
+            bias = torch.cat([_base_bias(layer)[None], layer.dendrite_bias.detach()])
+        else:  # the wrapped layer's rows, then each set's r projection rows; the sets' biases go with the mix
+            proj = layer.dendrite_proj.detach()
+            weight = torch.cat([layer.neuron_weight().detach(), proj.reshape(-1, proj.shape[-1])])
+            bias = torch.cat([_base_bias(layer), proj.new_zeros(proj.shape[0] * proj.shape[1])])
+            self.mix = nn.Parameter(layer.dendrite_weight.detach().clone())  # [D, O, r]
+            self.mix_bias = nn.Parameter(layer.dendrite_bias.detach().clone())  # [D, O]
+        weight = weight.reshape(-1, weight.shape[-1])
         f = {"device": weight.device, "dtype": weight.dtype}
-        self.linear = nn.Linear(weight.shape[-1], (1 + d) * o, **f)
+        self.linear = nn.Linear(weight.shape[-1], weight.shape[0], **f)
         with torch.no_grad():
-            self.linear.weight.copy_(weight.reshape((1 + d) * o, -1))
+            self.linear.weight.copy_(weight)
             self.linear.bias.copy_(bias.reshape(-1))
         self._init_dendrites(layer, (o,))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.linear(x).unflatten(-1, (1 + self.dendrites, self.out_features))
+        y = self.linear(x)
+        if self.rank is None:
+            y = y.unflatten(-1, (1 + self.dendrites, self.out_features))
+        else:  # low-rank sets: each neuron mixes its sets' projected features
+            o = self.out_features
+            proj = y[..., o:].unflatten(-1, (self.dendrites, self.rank))
+            pre = torch.einsum("...kr,kor->...ko", proj, self.mix) + self.mix_bias
+            y = torch.cat([y[..., :o].unsqueeze(-2), pre], -2)
         return self._combine(y, y.dim() - 2)
 
 
@@ -191,13 +206,23 @@ class FusedDendriticConv(_FusedDendrites):
         base = layer.base
         o, d, g = layer.out_channels, layer.num_dendrites, layer.groups
         self.out_channels, self.groups, self.spatial = o, g, layer.spatial
-        weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])  # [1+D, O, *w]
-        bias = torch.cat([_base_bias(layer)[None], layer.dendrite_bias.detach()])  # [1+D, O]
-        weight = weight.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o, *weight.shape[2:])
-        bias = bias.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o)
+        self.rank = layer.rank
+        if layer.rank is None:
+            weight = torch.cat([base.weight.detach()[None], layer.dendrite_weight.detach()])  # [1+D, O, *w]
+            bias = torch.cat([_base_bias(layer)[None], layer.dendrite_bias.detach()])  # [1+D, O]
+            weight = weight.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o, *weight.shape[2:])
+            bias = bias.unflatten(1, (g, o // g)).transpose(0, 1).reshape((1 + d) * o)
+        else:  # per group: its O/g channels of the wrapped layer, then each set's r projection channels
+            r, tail = layer.rank, base.weight.shape[1:]
+            proj = layer.dendrite_proj.detach().unflatten(1, (g, r)).transpose(0, 1).reshape(g, d * r, *tail)
+            weight = torch.cat([base.weight.detach().unflatten(0, (g, o // g)), proj], 1).flatten(0, 1)
+            bias = torch.cat([_base_bias(layer).unflatten(0, (g, o // g)), proj.new_zeros(g, d * r)], 1).flatten()
+            # [D, g, O/g, r] and [D, g, O/g]: a neuron reads its group's features
+            self.mix = nn.Parameter(layer.dendrite_weight.detach().unflatten(1, (g, o // g)).clone())
+            self.mix_bias = nn.Parameter(layer.dendrite_bias.detach().unflatten(1, (g, o // g)).clone())
         f = {"device": weight.device, "dtype": weight.dtype}
         self.conv = _CONV_TYPES[layer.spatial](
-            base.in_channels, (1 + d) * o, base.kernel_size, stride=base.stride, padding=base.padding,
+            base.in_channels, weight.shape[0], base.kernel_size, stride=base.stride, padding=base.padding,
             dilation=base.dilation, groups=g, bias=True, padding_mode=base.padding_mode, **f,
         )
         with torch.no_grad():
@@ -212,8 +237,16 @@ class FusedDendriticConv(_FusedDendrites):
             x = x.unsqueeze(0)
         y = self.conv(x)
         n, sp = y.shape[0], y.shape[2:]
-        # [N, g * (1+D) * O/g, *sp] -> [N, g, 1+D, O/g, *sp]: a view, no copy
-        y = y.unflatten(1, (self.groups, 1 + self.dendrites, self.out_channels // self.groups))
+        g, per = self.groups, self.out_channels // self.groups
+        if self.rank is None:
+            # [N, g * (1+D) * O/g, *sp] -> [N, g, 1+D, O/g, *sp]: a view, no copy
+            y = y.unflatten(1, (g, 1 + self.dendrites, per))
+        else:  # [N, g, O/g + D * r, *sp]; each neuron mixes its sets' projected features
+            y = y.unflatten(1, (g, per + self.dendrites * self.rank))
+            proj = y[:, :, per:].unflatten(2, (self.dendrites, self.rank))  # [N, g, D, r, *sp]
+            pre = torch.einsum("ngkr...,kgor->ngko...", proj, self.mix)
+            pre = pre + self.mix_bias.transpose(0, 1).reshape(g, self.dendrites, per, *([1] * self.spatial))
+            y = torch.cat([y[:, :, :per].unsqueeze(2), pre], 2)
         z = self._combine(y, 2)  # [N, g, O/g, *sp]
         z = z.reshape(n, self.out_channels, *sp)
         return z.squeeze(0) if unbatched else z

@@ -11,13 +11,14 @@ from apical.record import _QUIET_EVENTS
 
 _CONV = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_CANDIDATES = ("candidate_weight", "candidate_bias", "candidate_cascade")
+_CANDIDATES = ("candidate_weight", "candidate_bias", "candidate_cascade", "candidate_proj")
 
 
 def _kind(tensors: dict[str, Any], dendritic: bool) -> str:
-    w = tensors.get("dendrite_weight" if dendritic else "weight")
+    # a dendritic layer's full sets: [D, O, *tail]; a low-rank layer's projection [D, g * r, *tail]
+    w = tensors.get(("dendrite_proj" if "dendrite_proj" in tensors else "dendrite_weight") if dendritic else "weight")
     shape = tuple(getattr(w, "shape", ()))
-    if dendritic:  # [D, O, *tail]
+    if dendritic:
         return "Dendritic" + ("Linear" if len(shape) == 3 else _CONV.get(len(shape) - 1, "?"))
     if "running_mean" in tensors:
         return "BatchNorm"

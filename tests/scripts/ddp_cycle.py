@@ -100,6 +100,7 @@ def run(rank: int = 0, world: int = 1) -> dict:
         "dendrites": apical.dendrite_count(model),
         "conv": conv_check(rank, world),
         "gru": gru_check(rank, world),
+        "conv_low_rank": conv_check(rank, world, dendrite_rank=2),
     }
 
 
@@ -109,7 +110,7 @@ def _candidate_check(model: nn.Module, layer, make_x, rank: int, world: int) -> 
     layer.add_candidates(2, 1.0, torch.Generator().manual_seed(5))
     layer.set_training_mode("dendrite", perforated=True)
     for p in model.parameters():
-        p.requires_grad_(p is layer.candidate_weight or p is layer.candidate_bias)
+        p.requires_grad_(p is layer.candidate_weight or p is layer.candidate_bias or p is layer.candidate_proj)
     ddp = apical.distributed.wrap(model) if world > 1 else model
     g = torch.Generator().manual_seed(6)
     grads = []
@@ -118,16 +119,21 @@ def _candidate_check(model: nn.Module, layer, make_x, rank: int, world: int) -> 
         t = torch.randn(8, 2, generator=g)
         b = 8 // world
         layer.candidate_weight.grad = None
+        if layer.candidate_proj is not None:
+            layer.candidate_proj.grad = None
         nn.functional.mse_loss(ddp(x[rank * b:(rank + 1) * b]), t[rank * b:(rank + 1) * b]).backward()
         grads.append(layer.candidate_weight.grad.clone())
+        if layer.candidate_proj is not None:  # a low-rank layer's shared projection
+            grads.append(layer.candidate_proj.grad.clone())
     return {"moments": layer.stats.moments(), "n": layer.stats.n, "grads": grads}
 
 
-def conv_check(rank: int = 0, world: int = 1) -> dict:
-    """A Conv2d layer (pearson normaliser, epoch centring)."""
+def conv_check(rank: int = 0, world: int = 1, dendrite_rank: int | None = None) -> dict:
+    """A Conv2d layer (pearson normaliser, epoch centring), with full or low-rank sets."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
-    perforate(model, DendriteConfig(include=["0"], normaliser="pearson", centring="epoch", seed=0))
+    perforate(model, DendriteConfig(include=["0"], normaliser="pearson", centring="epoch", seed=0,
+                                    dendrite_rank=dendrite_rank))
     return _candidate_check(model, model[0], lambda g: torch.randn(8, 2, 5, 5, generator=g), rank, world)
 
 

@@ -135,7 +135,7 @@ def to_dendrite_phase(model: nn.Module, candidates: int) -> list[nn.Parameter]:
     for _, layer in apical.dendritic_layers(model):
         layer.add_candidates(candidates, 1.0)
         layer.set_training_mode("dendrite", True)
-        params += [layer.candidate_weight, layer.candidate_bias, layer.candidate_cascade]
+        params += layer.candidate_parameters()
     return params
 
 

@@ -35,6 +35,14 @@ class DendriteConfig:
     """Candidate dendrites trained per neuron per cycle ("pb"); the best-correlated one per
     neuron is installed."""
 
+    dendrite_rank: int | None = None
+    """Input weights of a dendrite set: ``None``, a full copy of the layer's weights (the paper's;
+    ``O * F`` per set for ``O`` neurons of fan-in ``F``); an integer ``r``, a low-rank set: the
+    input is projected to ``r`` features (for a convolution, an ``r``-channel convolution with
+    the layer's kernel, ``r`` channels per group), which each neuron's dendrite reads through ``r``
+    weights of its own, about ``r * (F + O)`` per set. The candidates of a dendrite phase share one
+    projection per layer; each neuron installs its best candidate's ``r`` weights with it."""
+
     max_dendrites: int = 3
     """Most dendrite sets installed in a layer; training ends when this many are kept."""
 
@@ -116,6 +124,8 @@ class DendriteConfig:
             self._check_int(name, minimum=1)
         for name in ("max_dendrites", "patience", "dendrite_patience"):
             self._check_int(name, minimum=0)
+        if self.dendrite_rank is not None:
+            self._check_int("dendrite_rank", minimum=1)
         if self.min_dendrite_epochs > self.max_dendrite_epochs:
             raise ValueError(
                 f"DendriteConfig.min_dendrite_epochs ({self.min_dendrite_epochs}) exceeds "

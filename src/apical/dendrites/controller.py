@@ -77,6 +77,12 @@ class Controller:
                 f"layers {mismatch[:3]} were perforated with another activation than the config's "
                 f"{self.config.activation!r}: use the same DendriteConfig for perforate and Controller"
             )
+        ranks = [n for n, layer in self.layers if layer.rank != self.config.dendrite_rank]
+        if ranks:
+            raise ValueError(
+                f"layers {ranks[:3]} were perforated with another dendrite_rank than the config's "
+                f"{self.config.dendrite_rank!r}: use the same DendriteConfig for perforate and Controller"
+            )
         # a private generator, so that the controller's state alone resumes candidate draws
         seed = self.config.seed if self.config.seed is not None else int(torch.randint(2**62, ()))
         self._generator = torch.Generator().manual_seed(seed)
@@ -279,6 +285,7 @@ class Controller:
                     "cascade": layer.candidate_cascade.detach().clone(),
                     "scores": candidate_scores[name].clone(),
                     "signs": layer.stats.signs(),
+                    **({} if layer.candidate_proj is None else {"proj": layer.candidate_proj.detach().clone()}),
                 }
                 for name, layer in self.layers
             }
@@ -296,6 +303,8 @@ class Controller:
                 layer.candidate_weight.copy_(snap["weight"])
                 layer.candidate_bias.copy_(snap["bias"])
                 layer.candidate_cascade.copy_(snap["cascade"])
+                if layer.candidate_proj is not None:
+                    layer.candidate_proj.copy_(snap["proj"])
             layer.install_best(snap["scores"], cfg.output_init, snap["signs"])
         self._dp_snapshot = None
         self.dendrites += 1
@@ -356,10 +365,8 @@ class Controller:
     def _dendrite_param_ids(self) -> set[int]:
         ids: set[int] = set()
         for _, layer in self.layers:
-            for p in (layer.dendrite_weight, layer.dendrite_bias, layer.dendrite_cascade, layer.dendrite_out,
-                      layer.candidate_weight, layer.candidate_bias, layer.candidate_cascade):
-                if p is not None:
-                    ids.add(id(p))
+            for p in (*layer.dendrite_parameters(), *layer.candidate_parameters()):
+                ids.add(id(p))
         return ids
 
     def _apply_phase(self) -> None:

@@ -215,6 +215,7 @@ def perforate(model: nn.Module, config: DendriteConfig | None = None) -> nn.Modu
             layer.normaliser = config.normaliser
             layer.centring = config.centring
             layer.candidate_scale = float(config.candidate_lr_scale)
+            layer.set_rank(config.dendrite_rank)
             layer.set_training_mode("neuron", perforated=config.mode == "pb")
         wrapper.train(training)
         if wrapper is not base:
@@ -266,9 +267,7 @@ def parameter_count(model: nn.Module, include_candidates: bool = False) -> int:
     skip = set()
     if not include_candidates:
         for _, layer in dendritic_layers(model):
-            for p in (layer.candidate_weight, layer.candidate_bias, layer.candidate_cascade):
-                if p is not None:
-                    skip.add(id(p))
+            skip.update(id(p) for p in layer.candidate_parameters())
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 

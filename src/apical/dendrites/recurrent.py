@@ -94,6 +94,8 @@ class DendriticRecurrentCell(DendriticLayer):
 
     set_axis = -2
     _stack_forward = DendriticLinear._stack_forward
+    _project = DendriticLinear._project
+    _mix = DendriticLinear._mix
     _chan = DendriticLinear._chan
     observation_dims = DendriticLinear.observation_dims
 
@@ -143,8 +145,8 @@ class DendriticRecurrentCell(DendriticLayer):
             for k in range(d):
                 s = torch.addcmul(s, v[k], a[..., k, :])
         if training:
-            cw, cb, cu = self.candidate_tensors()
-            pre = self._stack_forward(u.detach(), cw, cb)
+            cu = self.candidate_tensors()[2]
+            pre = self.candidate_pre(u.detach())
             if d:
                 a_const = a.detach()
                 for e in range(d):

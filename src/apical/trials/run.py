@@ -91,8 +91,8 @@ def _cat(parts: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: nn.Module, ds: Dataset, device: torch.device) -> float:
-    """The task's metric over a whole split, in eval mode."""
+def predict(task: Task, model: nn.Module, ds: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The model's outputs (float32, on the CPU) and the targets over a whole split, in eval mode."""
     was_training = model.training
     model.eval()
     outputs, targets = [], []
@@ -100,7 +100,12 @@ def evaluate(task: Task, model: nn.Module, ds: Dataset, device: torch.device) ->
         outputs.append(_call(model, _to(x, device)).detach().float().cpu())
         targets.append(y.cpu() if isinstance(y, Tensor) else torch.as_tensor(y))
     model.train(was_training)
-    return task.score(torch.cat(outputs), _cat(targets))
+    return torch.cat(outputs), _cat(targets)
+
+
+def evaluate(task: Task, model: nn.Module, ds: Dataset, device: torch.device) -> float:
+    """The task's metric over a whole split, in eval mode."""
+    return task.score(*predict(task, model, ds, device))
 
 
 def make_optimizer(task: Task) -> Callable[[Any], torch.optim.Optimizer]:
@@ -120,18 +125,23 @@ def make_optimizer(task: Task) -> Callable[[Any], torch.optim.Optimizer]:
 
 def train(task: Task, mode: str, seed: int, width: float, splits: Splits,
           on_epoch: Callable[[nn.Module, Controller], None] | None = None,
-          run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+          run_dir: str | os.PathLike[str] | None = None, select_on: str = "metric") -> dict[str, Any]:
     """Train ``task.model(width)`` in ``mode`` on ``splits`` with ``seed``; the result as a dict:
     test and val (the task's metric on the best validation network), parameters, dendrites, epochs,
     seconds, history (the controller's per-epoch records). ``on_epoch(model, controller)`` runs after
-    each training epoch; ``run_dir`` gets the controller's run record."""
+    each training epoch; ``run_dir`` gets the controller's run record. ``select_on``: what the
+    controller's decisions (best network, switching, keep or revert) read, the validation metric
+    (``"metric"``) or the validation loss (``"loss"``, lower is better)."""
+    if select_on not in ("metric", "loss"):
+        raise ValueError(f"select_on must be 'metric' or 'loss', got {select_on!r}")
     device = torch.device(task.device)
     cfg = mode_config(mode, task.patience, seed, overrides=task.dendrites)
     torch.manual_seed(seed)
     model = build(task, width).to(device)
     if cfg.mode != "none":
         perforate(model, cfg)
-    ctl = Controller(model, cfg, maximize=task.higher_is_better, run_dir=run_dir)
+    maximize = task.higher_is_better if select_on == "metric" else False
+    ctl = Controller(model, cfg, maximize=maximize, run_dir=run_dir)
     make_opt = make_optimizer(task)
     opt = make_opt(ctl.parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -145,12 +155,13 @@ def train(task: Task, mode: str, seed: int, width: float, splits: Splits,
             opt.step()
         if on_epoch is not None:
             on_epoch(model, ctl)
-        score = evaluate(task, model, val_set, device)
+        out, target = predict(task, model, val_set, device)
+        score = task.score(out, target)
         if not math.isfinite(score):
             raise TaskError(f"task {task.name!r}, mode {mode}, seed {seed}: the validation {task.metric_name} "
                             f"is {score} after epoch {epoch + 1} (a diverged model, or a metric that cannot "
                             "score this split, e.g. roc_auc without both classes)")
-        step = ctl.step(score)
+        step = ctl.step(score if select_on == "metric" else float(task.loss(out, target)))
         if step.done:
             break
         if step.restructured:
