@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-import apical
+from apical import tasks
 from apical import stats as st
 from apical.trials.run import check_splits, train
 from apical.trials.runner import matched_width
@@ -77,7 +77,7 @@ def _append(record: dict) -> None:
 def run_suite(name: str, seeds: list[int], variants: list[str], log=print) -> None:
     narrow = SUITES[name]
     done = {(r["suite"], r["variant"], r["seed"]) for r in _read()}
-    base = apical.tasks.get(name)
+    base = tasks.get(name)
     for seed in seeds:
         splits = None
         plan: list[tuple[str, str, float, dict, str]] = [

@@ -275,3 +275,76 @@ def test_rank_mismatch_between_perforate_and_controller_is_an_error():
         apical.Controller(model, apical.DendriteConfig())
     with pytest.raises(ValueError, match="dendrite_rank"):
         apical.DendriteConfig(dendrite_rank=0)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x)[0]
+
+
+class _Cell(nn.Module):
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.cell(x)
+        return torch.cat(out, -1) if isinstance(out, tuple) else out
+
+
+def _kinds():
+    kinds = {
+        "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3)), (2, 3, 7)),
+        "conv3d-depthwise": (lambda: nn.Sequential(nn.Conv3d(4, 4, 2, groups=4)), (2, 4, 3, 3, 3)),
+        "multihead-attention": (_Attention, (2, 5, 8)),
+        "lstm": (lambda: nn.Sequential(nn.LSTM(4, 3, num_layers=2, batch_first=True, bidirectional=True)), (2, 5, 4)),
+        "lstm-cell": (lambda: _Cell(nn.LSTMCell(4, 3)), (6, 4)),
+        "rnn-cell": (lambda: _Cell(nn.RNNCell(4, 3)), (6, 4)),
+    }
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds["transformers-conv1d"] = (lambda: nn.Sequential(Conv1D(6, 4)), (2, 5, 4))
+    except ImportError:
+        pass
+    return kinds
+
+
+def _output(out) -> torch.Tensor:
+    if isinstance(out, tuple):
+        out = out[0]
+    return out
+
+
+@pytest.mark.parametrize("name", list(_kinds()))
+def test_every_layer_kind_takes_low_rank_sets(name, tmp_path):
+    """Function kept at insertion, then a set with its say: the export and a fresh load compute the same."""
+    make, shape = _kinds()[name]
+    torch.manual_seed(5)
+    model = make()
+    apical.perforate(model, apical.DendriteConfig(mode="gd", dendrite_rank=2))
+    x = torch.randn(*shape)
+    model.eval()
+    before = _output(model(x)).detach()
+    for _, layer in apical.dendritic_layers(model):
+        assert layer.rank == 2
+        layer.install_random(3.0)
+    # (a recurrent layer with sets runs apical's step loop instead of the fused kernel: rounding differs)
+    assert torch.allclose(_output(model(x)), before, atol=1e-6, rtol=0)
+    for _, layer in apical.dendritic_layers(model):
+        with torch.no_grad():
+            layer.dendrite_out.normal_()
+    with torch.no_grad():
+        ref = _output(model(x))
+        assert not torch.allclose(ref, before)
+        assert torch.allclose(_output(apical.export(model)(x)), ref, atol=1e-5, rtol=1e-5)
+    apical.save(tmp_path / "kind.apical", model)
+    fresh = make()
+    apical.load(tmp_path / "kind.apical", fresh)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(_output(fresh(x)), ref)
