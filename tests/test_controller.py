@@ -435,7 +435,7 @@ def test_finish_returns_the_step_a_script_predicts(mode, scores, expected, weigh
     for k, v in states[weights_of - 1].items():
         if "candidate_" not in k:
             assert torch.equal(model.state_dict()[k], v), k
-    with pytest.raises(RuntimeError, match="training is already done"):
+    with pytest.raises(RuntimeError, match="^training is already done$"):
         ctl.finish()
 
 

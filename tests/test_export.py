@@ -506,3 +506,23 @@ def test_compiling_asks_torch_compiler_first_then_dynamo(monkeypatch, public):
     assert _compiling() is public
     with torch.no_grad():
         assert _eager_inference() is not public
+
+
+def test_exporting_a_recurrent_cell_mid_dendrite_phase_leaves_the_original_training():
+    """A GRU cell with a set and candidates: the export is a copy without candidates; the original
+    keeps its candidates, their tensors and their statistics, and goes on training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GRUCell(3, 4))
+    apical.perforate(model, apical.DendriteConfig(mode="pb"))
+    cell = model[0]
+    cell.install_random(1.0, torch.Generator().manual_seed(1))
+    cell.add_candidates(2, 1.0, torch.Generator().manual_seed(2))
+    cell.set_training_mode("dendrite", perforated=True)
+    x = torch.randn(5, 3)
+    cell(x).sum().backward()
+    weights = [p.detach().clone() for p in cell.candidate_parameters()]
+    exported = apical.export(model)
+    assert exported[0].num_candidates == 0 and exported[0].stats is None
+    assert cell.num_candidates == 2 and cell.stats is not None and not cell.stats.empty
+    assert all(torch.equal(p, w) for p, w in zip(cell.candidate_parameters(), weights, strict=True))
+    assert all(p.grad is not None for p in cell.candidate_parameters() if p.numel())

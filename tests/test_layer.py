@@ -265,3 +265,26 @@ def test_cuda_forward_backward():
     for k, ref in want.items():
         # a tolerance above TF32's rounding, far below what a wrong term or index would give
         torch.testing.assert_close(got[k], ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()), msg=k)
+
+
+def test_a_replayed_structure_trains_v_only_where_a_set_exists():
+    """resize (apply_structure before a load): v of an installed set trains in the neuron phase, a
+    zero-size v never requires grad (plain DDP would wait for its gradient)."""
+    model = _perforated(nn.Linear(5, 4))
+    layer = model[0]
+    layer.resize(0, 0)
+    assert not layer.dendrite_out.requires_grad
+    layer.resize(1, 0)
+    assert layer.dendrite_out.requires_grad and layer.dendrite_out.shape == (1, 4)
+    layer.resize(2, 3)
+    assert layer.dendrite_out.requires_grad and layer.num_candidates == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_sets_and_candidates_keep_the_layers_dtype(dtype):
+    model = _perforated(nn.Linear(5, 4).to(dtype), mode="gd")
+    layer = model[0]
+    layer.install_random(1.0)
+    layer.add_candidates(2, 1.0)
+    for p in (*layer.dendrite_parameters(), *layer.candidate_parameters()):
+        assert p.dtype == dtype
