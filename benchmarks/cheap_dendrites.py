@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from apical import tasks
 from apical import stats as st
+from apical import tasks
 from apical.trials.run import check_splits, train
 from apical.trials.runner import matched_width
 
