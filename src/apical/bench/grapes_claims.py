@@ -67,16 +67,21 @@ class Setting:
     init: str = "torch"  # "torch": PyTorch's default; "he": Kaiming-normal weights (ReLU), zero biases
 
 
-#: GRAPES' propagated factors compound with depth (up to 2^9 at the first of 10 layers): the grid reaches low
-DEPTH_LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
+#: GRAPES' propagated factors compound with depth (up to 2^9 at the first of 10 layers): the grid reaches low;
+#: 0.001 and 1.0 were added when the first run chose its ends (depth 10 GRAPES 0.003, depth 3 plain 0.3)
+DEPTH_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: FA / DFA: 1.0 added when the first run chose 0.3, the grid's top, for every arm
+FA_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("depth3", "depth", "mlp", (64,) * 2, init="he", lrs=DEPTH_LRS),
     Setting("depth6", "depth", "mlp", (64,) * 5, init="he", lrs=DEPTH_LRS),
     Setting("depth10", "depth", "mlp", (64,) * 9, init="he", lrs=DEPTH_LRS),
-    Setting("fa", "fa", "mlp", (64,) * 3, activation="tanh", rule="fa", clip=None, lrs=(0.01, 0.03, 0.1, 0.3)),
-    Setting("dfa", "fa", "mlp", (64,) * 3, activation="tanh", rule="dfa", clip=None, lrs=(0.01, 0.03, 0.1, 0.3)),
-    Setting("gru", "recurrent", "gru", (64,), arms=("plain", "grapes", "grapes_local"), epochs=30),
+    Setting("fa", "fa", "mlp", (64,) * 3, activation="tanh", rule="fa", clip=None, lrs=FA_LRS),
+    Setting("dfa", "fa", "mlp", (64,) * 3, activation="tanh", rule="dfa", clip=None, lrs=FA_LRS),
+    # 3.0 added when the first run chose 1.0, the top of the default grid
+    Setting("gru", "recurrent", "gru", (64,), arms=("plain", "grapes", "grapes_local"), epochs=30,
+            lrs=(0.03, 0.1, 0.3, 1.0, 3.0)),
     Setting("snn", "spiking", "snn", (128, 128), epochs=20),
     Setting("permuted", "forgetting", "mlp", (128, 128), epochs=10, tasks=5, lrs=(0.01, 0.03, 0.1, 0.3)),
 ]}
@@ -238,15 +243,24 @@ def _spec_key(spec: dict[str, Any]) -> str:
 
 
 def load_runs(path: Path, settings: dict[str, Setting]) -> list[dict[str, Any]]:
-    """Finished runs whose setting is unchanged (a changed budget or grid invalidates old lines)."""
+    """Finished runs whose setting is unchanged (a changed budget invalidates old lines). A widened
+    grid keeps the runs at the learning rates still on it; a control is checked again by
+    :func:`run_setting` against GRAPES' learning rate chosen on the new grid."""
     if not path.is_file():
         return []
-    want = {n: _spec_key(asdict(s)) for n, s in settings.items()}
+
+    def budget(spec: dict[str, Any]) -> str:
+        return _spec_key({k: v for k, v in spec.items() if k != "lrs"})
+
+    want = {n: budget(asdict(s)) for n, s in settings.items()}
     runs = []
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            if want.get(r["setting"]) == _spec_key(r["spec"]):
+            s = settings.get(r["setting"])
+            if s is None or want[r["setting"]] != budget(r["spec"]):
+                continue
+            if r["arm"] == "control" or r["lr"] in s.lrs:
                 runs.append(r)
     return runs
 
@@ -290,11 +304,13 @@ def run_setting(s: Setting, seeds: int, path: Path, done: dict[tuple, dict[str, 
             for seed in range(seeds):
                 if (s.name, arm, lr, seed) not in done:
                     record(run_one(s, arm, lr, seed, split(seed)))
-    runs = [r for r in done.values() if r["setting"] == s.name and r["seed"] < seeds]
+    runs = [r for r in done.values() if r["setting"] == s.name and r["seed"] < seeds and r["arm"] != "control"]
     lr_g = choose_lr(runs, s.name, "grapes")
     for seed in range(seeds):
-        if (s.name, "control", seed) not in done:
-            g = done[(s.name, "grapes", lr_g, seed)]
+        g = done[(s.name, "grapes", lr_g, seed)]
+        old = done.get((s.name, "control", seed))
+        # a control run at another learning rate (GRAPES' choice moved on a widened grid) is redone
+        if old is None or not math.isclose(old["lr"], lr_g * g["mean_factor"], rel_tol=1e-12):
             r = run_one(s, "plain", lr_g * g["mean_factor"], seed, split(seed))
             r["arm"] = "control"
             record(r)
@@ -327,11 +343,17 @@ FORGET_METRICS = {"first_task_final": "task-1 test acc after all tasks", "forget
 
 def summarise(runs: list[dict[str, Any]], s: Setting) -> SettingSummary | None:
     mine = [r for r in runs if r["setting"] == s.name]
-    controls = {r["seed"]: r for r in mine if r["arm"] == "control"}
+    tuned = [r for r in mine if r["arm"] != "control"]
+    lr_g = choose_lr(tuned, s.name, "grapes")
+    grapes_at = {r["seed"]: r for r in tuned if r["arm"] == "grapes" and r["lr"] == lr_g}
+    # a control counts only at GRAPES' chosen lr times that seed's mean factor (a widened grid may
+    # have moved the choice since it ran)
+    controls = {r["seed"]: r for r in mine if r["arm"] == "control" and r["seed"] in grapes_at
+                and math.isclose(r["lr"], lr_g * grapes_at[r["seed"]]["mean_factor"], rel_tol=1e-12)}
     if not controls:
         return None
     seeds = sorted(controls)
-    lr = {arm: choose_lr([r for r in mine if r["seed"] in seeds], s.name, arm) for arm in s.arms}
+    lr = {arm: choose_lr([r for r in tuned if r["seed"] in seeds], s.name, arm) for arm in s.arms}
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for arm in s.arms:
         at = {r["seed"]: r for r in mine if r["arm"] == arm and r["lr"] == lr[arm]}
