@@ -71,7 +71,7 @@ class Setting:
 #: 0.001 and 1.0 were added when the first run chose its ends (depth 10 GRAPES 0.003, depth 3 plain 0.3)
 DEPTH_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 #: FA / DFA: 1.0 added when the first run chose 0.3, the grid's top, for every arm
-FA_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+FA_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("depth3", "depth", "mlp", (64,) * 2, init="he", lrs=DEPTH_LRS),
@@ -475,7 +475,7 @@ def report(runs: list[dict[str, Any]], settings: dict[str, Setting], argv: Seque
     """The claims section: setup, one table set and one verdict per claim (claims with no finished
     setting are listed as not run)."""
     md = [header("GRAPES claims: depth, feedback alignment, recurrent, spiking, forgetting",
-                 ["bench", "grapes", *argv]).replace("# GRAPES claims", "## GRAPES claims", 1),
+                 ["bench", "grapes", *(a for a in argv if a != "--report-only")]).replace("# GRAPES claims", "## GRAPES claims", 1),
           "Data: sklearn digits (8x8), split by seed; the recurrent and spiking models read the image row by row "
           "(8 steps of 8 features); the forgetting setting trains on 5 permuted-digits tasks one after another "
           "(task 1 unpermuted, one shared 10-way head) and reports task 1's test accuracy after the last task. "
