@@ -44,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pb-patience-x4": {"patience_factor": 4},
     "pb-inert": {"inert": True},
     "pb-freeze-base": {"freeze_base_after_install": True},
+    "pb-r1": {"dendrite_rank": 1},
+    "pb-r2": {"dendrite_rank": 2},
+    "pb-r4": {"dendrite_rank": 4},
 }
 
 
