@@ -474,8 +474,9 @@ def verdict(kind: str, summaries: list[SettingSummary]) -> str:
 def report(runs: list[dict[str, Any]], settings: dict[str, Setting], argv: Sequence[str]) -> str:
     """The claims section: setup, one table set and one verdict per claim (claims with no finished
     setting are listed as not run)."""
+    shown = ["bench", "grapes", *(a for a in argv if a != "--report-only")]  # the command that made the runs
     md = [header("GRAPES claims: depth, feedback alignment, recurrent, spiking, forgetting",
-                 ["bench", "grapes", *(a for a in argv if a != "--report-only")]).replace("# GRAPES claims", "## GRAPES claims", 1),
+                 shown).replace("# GRAPES claims", "## GRAPES claims", 1),
           "Data: sklearn digits (8x8), split by seed; the recurrent and spiking models read the image row by row "
           "(8 steps of 8 features); the forgetting setting trains on 5 permuted-digits tasks one after another "
           "(task 1 unpermuted, one shared 10-way head) and reports task 1's test accuracy after the last task. "
