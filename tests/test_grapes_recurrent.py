@@ -285,12 +285,65 @@ def test_unbatched_input_and_default_hidden_state():
         torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
 
 
+STEP_LOOP_CASES = [
+    # (module type, extra constructor arguments, batch_first, unbatched, train)
+    (nn.RNN, {"nonlinearity": "relu"}, False, False, False),
+    (nn.RNN, {"bias": False}, True, False, False),
+    (nn.GRU, {"dropout": 1.0}, False, False, True),  # train: layer 2 reads zeros, its own output is kept
+    (nn.GRU, {"dropout": 0.5}, True, False, False),  # eval: no dropout anywhere
+    (nn.GRU, {}, False, True, False),
+    (nn.LSTM, {"bias": False, "dropout": 1.0}, True, False, True),
+    (nn.LSTM, {}, False, True, False),
+]
+
+
+@pytest.mark.parametrize("cls, extra, batch_first, unbatched, train", STEP_LOOP_CASES)
+def test_step_loop_forward_equals_torchs_own(cls, extra, batch_first, unbatched, train):
+    """In propagate mode GRAPES runs nn.RNN/GRU/LSTM as its own loop over time steps: the outputs
+    must be PyTorch's fused forward's, for every mode, hidden size 5 (so that gates split unevenly
+    under a wrong chunk count), two bidirectional layers, with and without biases, batch-first,
+    unbatched with a given hidden state, and dropout between layers (p = 1: deterministic)."""
+    torch.manual_seed(3)
+    module = cls(3, 5, num_layers=2, bidirectional=True, batch_first=batch_first, **extra).double()
+    module.train(train)
+    twin = copy.deepcopy(module)
+    batch_shape = () if unbatched else (2,)
+    x = torch.randn(*((6, *batch_shape) if not batch_first else (*batch_shape, 6)), 3, dtype=torch.float64)
+    h0 = torch.randn(4, *batch_shape, 5, dtype=torch.float64)
+    hx = (h0, torch.randn_like(h0)) if cls is nn.LSTM else h0
+    with grapes(module, exclude=()) as handle:
+        assert handle.mode == "propagate"
+        out, state = module(x, hx)
+    ref, ref_state = twin(x, hx)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(state if cls is nn.LSTM else (state,), ref_state if cls is nn.LSTM else (ref_state,),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_propagate_mode_on_a_frozen_recurrent_layer():
+    """A frozen GRU (fine-tuning only the head) under GRAPES: no hook on tensors without gradients,
+    and the head's gradient is plain backprop's (GRAPES modulates the head's output only)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"gru": nn.GRU(3, 4), "head": nn.Linear(4, 2)}).double()
+    model["gru"].requires_grad_(False)
+    twin = copy.deepcopy(model)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with grapes(model, layers=["gru"], exclude=()):
+        model["head"](model["gru"](x)[0]).sum().backward()
+    twin["head"](twin["gru"](x)[0]).sum().backward()
+    torch.testing.assert_close(model["head"].weight.grad, twin["head"].weight.grad)
+    assert model["gru"].weight_ih_l0.grad is None
+
+
 def test_packed_sequence_needs_local_mode():
     module = _rnn("gru")
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3])
-    with grapes(module, exclude=()), pytest.raises(ValueError, match="PackedSequence"):
+    with grapes(module, exclude=()), pytest.raises(ValueError) as err:
         module(packed)
+    assert str(err.value) == ("grapes(mode='propagate') on nn.RNN/GRU/LSTM needs a padded tensor, not a "
+                              "PackedSequence; pad it or use mode='local'")
     with grapes(module, mode="local", exclude=()):
         module(packed)[0].data.sum().backward()  # local mode leaves the forward alone
     assert module.weight_hh_l0.grad is not None
