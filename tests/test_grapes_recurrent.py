@@ -421,8 +421,10 @@ def test_selection_exclusions_and_errors():
         grapes(nn.ModuleDict({"lstm": nn.LSTM(3, 4, proj_size=2), "out": nn.Linear(2, 2)}))
     patched = nn.GRU(3, 4)
     patched.forward = patched.forward
-    with pytest.raises(ValueError, match="forward of its own"):
+    with pytest.raises(ValueError) as err:
         grapes(nn.ModuleDict({"gru": patched, "out": nn.Linear(4, 2)}))
+    assert str(err.value) == ("layer 'gru' already has a forward of its own (patched); GRAPES' propagate mode "
+                              "replaces it while attached: use mode='local' or remove the patch")
 
 
 def test_apicals_dendritic_recurrent_wrappers_stay_excluded():
@@ -447,3 +449,75 @@ def test_numpy_reference_reproduces_torchs_plain_bptt(kind):
     for name, p in module.named_parameters():
         np.testing.assert_allclose(_np(p.grad), want[name], rtol=1e-9, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(_np(x.grad), want_x, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_recurrent_factors_of_half_precision_weights_sum_in_float32(dtype):
+    """Importance sums of bf16 / fp16 weights are accumulated (and returned) in float32: the
+    factors equal a float64 numpy computation on the same (rounded) weights."""
+    torch.manual_seed(4)
+    w_ih, w_hh = torch.randn(15, 40).to(dtype), torch.randn(15, 5).to(dtype)  # a GRU: 3 gates x 5 units
+    f = recurrent_factors(w_ih, w_hh, clip=None)
+    assert f.dtype == torch.float32
+    ref = np_factor(_np(w_ih), _np(w_hh), clip=None)
+    np.testing.assert_allclose(f.double().numpy(), ref, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_local_mode_on_biasless_layers_scales_each_units_rows(kind):
+    """Local mode on nn.GRU/LSTM and their cells without biases: each weight gradient is plain
+    backprop's with every gate row of unit n scaled by F_n (numpy factors)."""
+    torch.manual_seed(6)
+    for module in (KINDS[kind][0](3, 4, bias=False).double(), KINDS[kind][1](3, 4, bias=False).double()):
+        _spread(module, 2)
+        twin = copy.deepcopy(module)
+        x = torch.randn(5, 3, dtype=torch.float64) if isinstance(module, nn.RNNCellBase) else \
+            torch.randn(5, 2, 3, dtype=torch.float64)
+        suffix = "" if isinstance(module, nn.RNNCellBase) else "_l0"
+        factor = np_factor(_np(getattr(module, "weight_ih" + suffix)), _np(getattr(module, "weight_hh" + suffix)))
+        rows = np.tile(factor, KINDS[kind][2])[:, None]
+        with grapes(module, mode="local", exclude=()):
+            out = module(x)
+            (out[0] if isinstance(out, tuple) else out).pow(2).sum().backward()
+        out = twin(x)
+        (out[0] if isinstance(out, tuple) else out).pow(2).sum().backward()
+        for (n, p), q in zip(module.named_parameters(), twin.parameters(), strict=True):
+            np.testing.assert_allclose(_np(p.grad), _np(q.grad) * rows, rtol=1e-10, atol=1e-12, err_msg=n)
+
+
+class _Same(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 1.0  # the same values, a new tensor (not the Parameter) on every access
+
+
+@pytest.mark.parametrize("which", ["weight_ih", "weight_hh"])
+def test_weights_computed_on_access_need_propagate_mode(which):
+    """A cell whose weight is a parametrization (a tensor computed on access, not a Parameter):
+    local mode cannot hook its gradient and says so; propagate mode works on it."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    cell = nn.GRUCell(3, 4).double()
+    twin = copy.deepcopy(cell)
+    parametrize.register_parametrization(cell, which, _Same())
+    with pytest.raises(ValueError) as err:
+        grapes(cell, mode="local", exclude=())
+    assert str(err.value) == ("layer '': its weights are computed on access, so mode='local' cannot hook their "
+                              "gradients; use mode='propagate'")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with grapes(cell, exclude=()) as handle:
+        cell(x).sum().backward()
+    with grapes(twin, exclude=()):
+        twin(x).sum().backward()
+    assert handle.layers == [""]
+    torch.testing.assert_close(cell.bias_hh.grad, twin.bias_hh.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_remove_after_the_patched_forward_is_gone():
+    """remove() restores the class's forward; it also copes with a forward deleted meanwhile."""
+    module = _rnn("gru")
+    handle = grapes(module, exclude=())
+    assert "forward" in module.__dict__
+    del module.forward
+    handle.remove()
+    assert "forward" not in module.__dict__ and handle.removed

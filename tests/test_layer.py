@@ -288,3 +288,16 @@ def test_sets_and_candidates_keep_the_layers_dtype(dtype):
     layer.add_candidates(2, 1.0)
     for p in (*layer.dendrite_parameters(), *layer.candidate_parameters()):
         assert p.dtype == dtype
+
+
+def test_repr_names_sets_candidates_rank_activation_and_phase():
+    model = _perforated(nn.Linear(3, 2))
+    layer = model[0]
+    assert layer.extra_repr() == "dendrites=0, candidates=0, activation=sigmoid, perforated=True"
+    layer.install_random(1.0)
+    layer.add_candidates(4, 1.0)
+    assert layer.extra_repr() == "dendrites=1, candidates=4, activation=sigmoid, perforated=True"
+    low = nn.Sequential(nn.Linear(3, 2))
+    apical.perforate(low, apical.DendriteConfig(dendrite_rank=2, activation="tanh"))
+    low[0].set_training_mode("neuron", perforated=False)
+    assert "DendriticLinear(\n    dendrites=0, candidates=0, rank=2, activation=tanh, perforated=False\n" in repr(low)

@@ -154,6 +154,36 @@ def test_linear_candidates_math_statistics_gradient_and_choice_against_numpy():
     assert np.allclose(layer.dendrite_proj.detach().numpy()[0], P)
 
 
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 6), (4, 3, 6)])
+def test_linear_forward_with_several_low_rank_sets_against_numpy(rank, shape):
+    """Installed sets each keep their own projection: z = Wx + b + sum_k v_k a_k with
+    a_k = sigmoid(Q_k P_k x + b_k + sum_{e<k} u_ke a_e), for a batch of one and a 3-D input."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5)).double()
+    apical.perforate(model, apical.DendriteConfig(dendrite_rank=rank))
+    layer = model[0]
+    for _ in range(3):
+        layer.install_random(1.0)
+    with torch.no_grad():
+        layer.dendrite_out.normal_()
+        layer.dendrite_cascade.normal_()
+        layer.dendrite_bias.normal_()
+    x = torch.randn(*shape, dtype=torch.float64)
+    xp = x.numpy()
+    W, b = layer.base.weight.detach().numpy(), layer.base.bias.detach().numpy()
+    P, Q = layer.dendrite_proj.detach().numpy(), layer.dendrite_weight.detach().numpy()  # [D, r, F], [D, O, r]
+    B, U, V = (t.detach().numpy() for t in (layer.dendrite_bias, layer.dendrite_cascade, layer.dendrite_out))
+    assert P.shape == (3, rank, 6) and Q.shape == (3, 5, rank)
+    z = xp @ W.T + b
+    acts = []
+    for k in range(3):
+        pre = (xp @ P[k].T) @ Q[k].T + B[k] + sum(U[k, e] * acts[e] for e in range(k))
+        acts.append(_sigmoid(pre))
+        z = z + V[k] * acts[k]
+    np.testing.assert_allclose(model(x).detach().numpy(), z, rtol=1e-10, atol=1e-12)
+
+
 def test_conv_candidates_read_their_own_groups_features_against_numpy():
     torch.manual_seed(2)
     g, cin, o, k, r, c = 2, 4, 6, 3, 2, 3
