@@ -144,7 +144,9 @@ def report(argv: list[str]) -> str:
     records = _read()
     suites = [s for s in SUITES if any(r["suite"] == s for r in records)]
     lines = ["# Cheaper dendrites: low-rank sets against full sets and against widening\n",
-             f"- command: `python benchmarks/cheap_dendrites.py {' '.join(argv)}`",
+             f"- command: `python benchmarks/cheap_dendrites.py {' '.join(argv)}` (the runs: "
+             "`python benchmarks/cheap_dendrites.py --suites SUITE[,SUITE...] --seeds 5`, two processes at once; "
+             "`--report-only` rebuilds this table from the records)",
              f"- machine: {platform.machine()}, torch {torch.__version__}, Python {platform.python_version()}, "
              "1 torch thread per process, at most 2 processes",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -161,6 +163,14 @@ def report(argv: list[str]) -> str:
         narrow = SUITES[suite]
         variants = [v for v in VARIANTS if _by(records, suite, v)]
         lines.append(f"## {suite} (pb at width {narrow:g})\n")
+        seeds = sorted({r["seed"] for r in records if r["suite"] == suite})
+        planned = len(REFERENCES) + 2 * len(VARIANTS)
+        missing = [v for v in (*REFERENCES, *VARIANTS, *(f"matched:{v}" for v in VARIANTS))
+                   if not _by(records, suite, v)]
+        if len(seeds) < 2 or missing:
+            lines.append(f"**Partial**: {len(seeds)} seed(s) started, {planned - len(missing)} of {planned} "
+                         f"variants with a run{'; not run yet: ' + ', '.join(missing) if missing else ''}. "
+                         "Rerun the command to continue it.\n")
         lines.append("| variant | runs | test | parameters | width | dendrites | epochs | seconds |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for v in (*REFERENCES, *variants, *(f"matched:{v}" for v in variants)):
@@ -214,9 +224,10 @@ def report(argv: list[str]) -> str:
         found = compass.get(suite, [])
         pb = [v for v in found if not v.startswith("matched:")]
         plain = [v for v in found if v.startswith("matched:")]
+        ran_plain = any(_by(records, suite, f"matched:{v}") for v in VARIANTS)
         lines.append(f"- {suite}: narrow + pb reaching width-1 `none` with <= half its parameters: "
                      f"{', '.join(pb) or 'none'}; plain networks of those sizes that do too: "
-                     f"{', '.join(plain) or 'none'}")
+                     f"{(', '.join(plain) or 'none') if ran_plain else 'not run yet'}")
     lines.append("")
     REPORT.write_text("\n".join(lines))
     return str(REPORT)
