@@ -96,10 +96,15 @@ def test_function_kept_and_every_recurrent_parameter_in_a_wrapped_layer(name):
     (lambda: nn.GRU(5, 4, bidirectional=True), ("packed",)),
     (lambda: nn.LSTM(5, 4, bidirectional=True, num_layers=2), ("packed",)),
     (lambda: nn.GRU(5, 4), ("unbatched",)),
+    (lambda: nn.GRU(5, 4, num_layers=2, bidirectional=True), ("h0", "bidirectional")),  # a state per layer, direction
+    (lambda: nn.GRU(5, 4), ("unbatched", "h0")),
+    (lambda: nn.LSTM(5, 4, bias=False), ("unbatched", "h0c0")),
+    (lambda: nn.GRU(5, 4, num_layers=2, dropout=1.0), ("train",)),  # layer 2 reads zeros, its output is kept
+    (lambda: nn.LSTM(5, 4, num_layers=2, dropout=0.5), ()),  # eval: no dropout anywhere
 ])
 def test_step_loop_equals_the_fused_kernel_in_every_input_form(build, args):
     torch.manual_seed(0)
-    plain = build()
+    plain = build().train("train" in args)
     box = nn.Sequential(copy.deepcopy(plain))
     apical.perforate(box, apical.DendriteConfig(mode="gd"))
     for _, layer in apical.dendritic_layers(box):
@@ -107,10 +112,11 @@ def test_step_loop_equals_the_fused_kernel_in_every_input_form(build, args):
     wrapped = box[0]
     x = torch.randn(7, 3, 5)
     extra = ()
+    states = (plain.num_layers * (2 if plain.bidirectional else 1),) + (() if "unbatched" in args else (3,)) + (4,)
     if "h0" in args:
-        extra = (torch.randn(2, 3, 4),)
+        extra = (torch.randn(*states),)
     if "h0c0" in args:
-        extra = ((torch.randn(2, 3, 4), torch.randn(2, 3, 4)),)
+        extra = ((torch.randn(*states), torch.randn(*states)),)
     if "packed" in args:
         x = pack_padded_sequence(x, torch.tensor([7, 3, 5]), enforce_sorted=False)
     if "unbatched" in args:
@@ -497,3 +503,57 @@ def test_the_hidden_placement_on_an_lstm_adds_to_h_and_leaves_c():
     h_new, c_new = cell(x, (h, c))
     assert torch.allclose(c_new, c_plain, atol=1e-6)
     assert torch.allclose(h_new, h_plain + v * torch.sigmoid(torch.cat([x, h], 1) @ w.T + b), atol=1e-6)
+
+
+def test_planned_layers_read_each_directions_own_weights():
+    """What perforate would create on a bidirectional GRU: one layer per cell and direction, each
+    with that direction's [W_ih, W_hh] rows as its neurons' weights."""
+    from apical.dendrites.model import planned_layers
+
+    model = nn.Sequential(nn.GRU(3, 2, num_layers=2, bidirectional=True))
+    gru = model[0]
+    plan = planned_layers(model, apical.DendriteConfig())
+    assert list(plan) == ["0.cell_l0", "0.cell_l0_reverse", "0.cell_l1", "0.cell_l1_reverse"]
+    for name, (root, weight) in plan.items():
+        suffix = name.split(".cell")[1]
+        assert root == "0"
+        assert torch.equal(weight, torch.cat([getattr(gru, f"weight_ih{suffix}"), getattr(gru, f"weight_hh{suffix}")], 1))
+
+
+@pytest.mark.parametrize("kind", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
+def test_an_unbatched_cell_step_returns_torchs_types_and_values(kind):
+    torch.manual_seed(0)
+    plain = kind(3, 4)
+    box = nn.Sequential(copy.deepcopy(plain))
+    apical.perforate(box, apical.DendriteConfig(mode="gd"))
+    box[0].install_random(1.0, torch.Generator().manual_seed(1))  # v = 0: the function is kept
+    x = torch.randn(3)
+    got, want = box[0](x), plain(x)
+    if kind is nn.LSTMCell:
+        assert isinstance(got, tuple) and len(got) == 2
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == (4,) and torch.allclose(a, b, atol=1e-6)
+    else:
+        assert isinstance(got, torch.Tensor) and got.shape == (4,)
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_packed_sequences_backpropagate_like_the_fused_kernel(kind):
+    """Two bidirectional layers on a packed batch of unequal lengths: the step loop's input gradient
+    equals the fused kernel's, and no gradient picks up anything from the padding."""
+    torch.manual_seed(0)
+    plain = kind(5, 4, num_layers=2, bidirectional=True)
+    box = nn.Sequential(copy.deepcopy(plain))
+    apical.perforate(box, apical.DendriteConfig(mode="gd"))
+    for _, layer in apical.dendritic_layers(box):
+        layer.install_random(1.0, torch.Generator().manual_seed(1))
+    x = torch.randn(7, 3, 5)
+    grads = []
+    for module in (box[0], plain):
+        xi = x.clone().requires_grad_(True)
+        out = module(pack_padded_sequence(xi, torch.tensor([7, 3, 5]), enforce_sorted=False))[0]
+        (out.data * torch.linspace(-1, 1, out.data.numel()).view_as(out.data)).sum().backward()
+        grads.append(xi.grad)
+        assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
