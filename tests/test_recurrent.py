@@ -517,7 +517,8 @@ def test_planned_layers_read_each_directions_own_weights():
     for name, (root, weight) in plan.items():
         suffix = name.split(".cell")[1]
         assert root == "0"
-        assert torch.equal(weight, torch.cat([getattr(gru, f"weight_ih{suffix}"), getattr(gru, f"weight_hh{suffix}")], 1))
+        rows = [getattr(gru, f"weight_ih{suffix}"), getattr(gru, f"weight_hh{suffix}")]
+        assert torch.equal(weight, torch.cat(rows, 1))
 
 
 @pytest.mark.parametrize("kind", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
