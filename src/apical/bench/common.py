@@ -60,3 +60,12 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))
     os.replace(tmp, path)
+
+
+@torch.no_grad()
+def eval_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Classification accuracy of ``model`` on ``(x, y)`` in eval mode (the model is left in train mode)."""
+    model.eval()
+    acc = float((model(x).argmax(1) == y).float().mean())
+    model.train()
+    return acc

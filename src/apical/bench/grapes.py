@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from apical import datasets
 from apical.bench import grapes_claims
 from apical.bench.common import DEFAULT_OUT, header, machine, markdown_table, mean_std, paired_ci, write_json
+from apical.bench.common import eval_accuracy as _accuracy
 from apical.grapes import grapes
 from apical.models import MLP
 
@@ -96,14 +97,6 @@ QUICK_TRAIN = 256
 
 
 # ---------------------------------------------------------------------------------------- training
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    acc = float((model(x).argmax(1) == y).float().mean())
-    model.train()
-    return acc
 
 
 def _grad_gain(model: nn.Module, handle: Any, layers: dict[str, nn.Linear], x: Tensor, y: Tensor) -> dict[str, float]:

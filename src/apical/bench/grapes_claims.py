@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apical import datasets
+from apical.bench.common import eval_accuracy as _accuracy
 from apical.bench.common import header, markdown_table, mean_std, paired_ci
 from apical.feedback import feedback_alignment
 from apical.grapes import grapes
@@ -158,14 +159,6 @@ def build(s: Setting) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- training
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    acc = float((model(x).argmax(1) == y).float().mean())
-    model.train()
-    return acc
 
 
 def _permutations(tasks: int, seed: int) -> list[Tensor]:
