@@ -71,7 +71,7 @@ class Setting:
 #: GRAPES' propagated factors compound with depth (up to 2^9 at the first of 10 layers): the grid reaches low;
 #: 0.001 and 1.0 were added when the first run chose its ends (depth 10 GRAPES 0.003, depth 3 plain 0.3)
 DEPTH_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-#: FA / DFA: 1.0 added when the first run chose 0.3, the grid's top, for every arm
+#: FA / DFA: 1.0 added when the first run chose 0.3, the grid's top, for every arm; 3.0 when plain FA then chose 1.0
 FA_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
