@@ -86,6 +86,21 @@ def test_epoch_statistics_match_numpy(make, shape):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     n_obs = sum(d.numel() // layer.out_channels for d in deltas)
     assert layer.stats.n == n_obs
+    # the layer scores with its own normaliser
+    for normaliser, want in (("error", score_err), ("pearson", score_pearson)):
+        layer.normaliser = normaliser
+        np.testing.assert_allclose(layer.candidate_scores().numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    # installing the best: v starts at -sign(cov) * output_init of the chosen candidate (signs from the statistics)
+    best = score_pearson.argmax(0)
+    cols = np.arange(layer.out_channels)
+    chosen = layer.install_best(torch.from_numpy(score_pearson), output_init=0.3)
+    np.testing.assert_array_equal(chosen.numpy(), best)
+    np.testing.assert_allclose(layer.dendrite_out[-1].detach().numpy(), -np.sign(cov[best, cols]) * 0.3, rtol=1e-6)
+    for method, message in ((layer.candidate_scores, "this layer has no candidates: it is not in a dendrite phase"),
+                            (lambda: layer.install_best(torch.from_numpy(score_pearson)),
+                             "this layer has no candidates to install")):
+        with pytest.raises(RuntimeError, match=f"^{message}$"):
+            method()
 
 
 @pytest.mark.parametrize("normaliser", ["error", "pearson"])

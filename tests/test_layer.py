@@ -280,14 +280,29 @@ def test_a_replayed_structure_trains_v_only_where_a_set_exists():
     assert layer.dendrite_out.requires_grad and layer.num_candidates == 3
 
 
+@pytest.mark.parametrize("rank", [None, 2], ids=["full", "rank2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_sets_and_candidates_keep_the_layers_dtype(dtype):
-    model = _perforated(nn.Linear(5, 4).to(dtype), mode="gd")
+def test_sets_and_candidates_keep_the_layers_dtype(dtype, rank):
+    """Every way a set or candidate comes to be (random, installed best, replayed by resize) keeps the
+    layer's dtype, low-rank projections included."""
+    model = nn.Sequential(nn.Linear(5, 4).to(dtype))
+    apical.perforate(model, apical.DendriteConfig(mode="gd", dendrite_rank=rank))
     layer = model[0]
+
+    def check(d, c):
+        assert (layer.num_dendrites, layer.num_candidates) == (d, c)
+        tensors = (*layer.dendrite_parameters(), *layer.candidate_parameters())
+        assert len(tensors) == 4 + (rank is not None) + (3 + (rank is not None) if c else 0)
+        assert all(p.dtype == dtype for p in tensors), [p.dtype for p in tensors]
+
     layer.install_random(1.0)
     layer.add_candidates(2, 1.0)
-    for p in (*layer.dendrite_parameters(), *layer.candidate_parameters()):
-        assert p.dtype == dtype
+    check(1, 2)
+    layer.install_best(torch.rand(2, 4, dtype=torch.float64), output_init=0.5,
+                       signs=torch.ones(2, 4, dtype=torch.float64))
+    check(2, 0)
+    layer.resize(3, 2)
+    check(3, 2)
 
 
 def test_repr_names_sets_candidates_rank_activation_and_phase():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import apical
+from apical.dendrites.layer import DendriticLinear
 
 
 def _grow(model: nn.Module, x: torch.Tensor, candidates: int = 3, steps: int = 3, scale: float = 3.0) -> None:
@@ -246,7 +247,8 @@ def _round_trip(model_fn, x, tmp_path, rank=2):
     other = model_fn()
     apical.perforate(other, apical.DendriteConfig(dendrite_rank=rank + 1))
     state = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(apical.CheckpointError, match="rank"):
+    with pytest.raises(apical.CheckpointError, match=rf"does not fit: layer '[\w.]+' has dendrite rank {rank + 1}, "
+                       rf"the checkpoint's {rank}: perforate with the checkpoint's dendrite_rank$"):
         apical.load(path, other)
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
     return model, exported
@@ -264,6 +266,34 @@ def test_save_load_and_export(name, tmp_path):
         fused = exported[0]
         # one convolution: the wrapped 6 channels plus 2 sets x 2 groups x r=2 projection channels
         assert fused.conv.out_channels == 6 + 2 * 2 * 2
+
+
+def test_a_checkpoint_with_mixed_ranks_loads_only_into_a_model_perforated_as_it_was(tmp_path):
+    """A model whose layers use different ranks (one wrapped by hand) cannot be rebuilt from one config:
+    loading into a plain model is refused by name; a model perforated the same way loads."""
+    def make():
+        return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+    def perforate_mixed(model):
+        apical.perforate(model, apical.DendriteConfig(dendrite_rank=2, seed=0))
+        model[2] = DendriticLinear(model[2].base)  # full sets on the last layer
+        return model
+
+    torch.manual_seed(0)
+    model = perforate_mixed(make())
+    x = torch.randn(8, 4)
+    for _, layer in apical.dendritic_layers(model):
+        layer.install_random(1.0)
+        with torch.no_grad():
+            layer.dendrite_out.normal_()
+    path = tmp_path / "mixed.apical"
+    apical.save(path, model)
+    with pytest.raises(apical.CheckpointError, match=r"is invalid: layers use dendrite ranks \[2, None\], the config "
+                       r"says 2: perforate the model as it was, then load$"):
+        apical.load(path, make())
+    same = perforate_mixed(make())
+    apical.load(path, same)
+    assert torch.equal(same(x), model(x))
 
 
 def test_a_dendrite_phase_checkpoint_resumes_with_the_shared_projection(tmp_path):

@@ -111,6 +111,42 @@ def test_counts_and_structure_replay():
     assert torch.equal(fresh(x), net(x))
 
 
+def test_dendrite_count_is_the_largest_count_and_zero_without_dendritic_layers():
+    assert apical.dendrite_count(nn.Sequential(nn.Linear(3, 4))) == 0  # nothing perforated
+    net = apical.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    assert apical.dendrite_count(net) == 0
+    net[2].install_random(1.0)
+    net[2].install_random(1.0)
+    net[0].install_random(1.0)
+    assert apical.dendrite_count(net) == 2
+
+
+def test_apply_structure_refuses_records_that_do_not_fit_by_name():
+    def make():
+        return apical.perforate(nn.Sequential(*[nn.Linear(3, 3) for _ in range(7)]))
+
+    net = make()
+    names = [n for n, _ in apical.dendritic_layers(net)]
+    assert names == [str(i) for i in range(7)]
+    full = {n: {"dendrites": 1} for n in names}  # "candidates" may be left out: none
+    cases = [
+        ({**full, "x": {"dendrites": 1}}, "['x'] recorded but not in the model, [] in the model but not recorded"),
+        ({n: full[n] for n in names[1:]}, "[] recorded but not in the model, ['0'] in the model but not recorded"),
+        ({f"y{i}": {"dendrites": 1} for i in range(7)},  # both sides, five names each at most
+         "['y0', 'y1', 'y2', 'y3', 'y4'] recorded but not in the model, "
+         "['0', '1', '2', '3', '4'] in the model but not recorded"),
+    ]
+    for record, message in cases:
+        with pytest.raises(PerforationError, match=f"^structure does not fit the model: layers {re.escape(message)}$"):
+            apical.apply_structure(net, record)
+    assert apical.dendrite_count(net) == 0  # nothing changed
+    for bad in ({"dendrites": -1, "candidates": 0}, {"dendrites": 1, "candidates": -2}):
+        with pytest.raises(PerforationError, match=r"^structure: negative count for layer '0'$"):
+            apical.apply_structure(net, {**full, "0": bad})
+    apical.apply_structure(net, full)
+    assert [(layer.num_dendrites, layer.num_candidates) for _, layer in apical.dendritic_layers(net)] == [(1, 0)] * 7
+
+
 def _dendritic_linear(layer, h):
     """z = W h + b + sum_k v_k * sigmoid(D_k h + b_k) (one cascade-free set), by hand."""
     z = h @ layer.base.weight.T + layer.base.bias
@@ -191,10 +227,10 @@ def test_an_exclusion_that_cannot_take_effect_is_an_error():
         return nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 2))
 
     for name in ("0.q_proj", "0.v_proj", "0.out_proj"):  # inside the attention, which is wrapped whole
-        with pytest.raises(apical.PerforationError, match=rf"exclude: '{re.escape(name)}' sits inside '0' "
+        with pytest.raises(PerforationError, match=rf"exclude: '{re.escape(name)}' sits inside '0' "
                            r"\(MultiheadAttention\).*exclude '0'"):
             apical.perforate(build(), DendriteConfig(exclude=[name]))
-    with pytest.raises(apical.PerforationError, match="exclude: 'fc9' matches no module"):
+    with pytest.raises(PerforationError, match="exclude: 'fc9' matches no module"):
         apical.perforate(build(), DendriteConfig(exclude=["fc9"]))
     net = build()
     apical.perforate(net, DendriteConfig(exclude=["0"]))  # the whole attention: honoured

@@ -122,7 +122,54 @@ def test_step_loop_equals_the_fused_kernel_in_every_input_form(build, args):
     if "unbatched" in args:
         x = x[:, 0]
     assert any(c.num_dendrites for c in wrapped.cells())  # so the step loop runs, not the kernel
-    assert (_flat(wrapped(x, *extra)) - _flat(plain(x, *extra))).abs().max() < 1e-5
+    got, want = wrapped(x, *extra), plain(x, *extra)
+    assert _shapes(got) == _shapes(want)
+    assert (_flat(got) - _flat(want)).abs().max() < 1e-5
+
+
+def _shapes(out):
+    """The nested shapes of an RNN's output (a packed sequence by its data)."""
+    if isinstance(out, tuple):
+        return tuple(_shapes(t) for t in out)
+    return tuple((out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out).shape)
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_dropout_between_layers_draws_the_mask_torch_would_draw_for_that_tensor(kind):
+    """In training, layer k + 1 reads F.dropout(output of layer k): the reference is two one-layer
+    modules with the same weights and the same seed's dropout mask between them."""
+    torch.manual_seed(0)
+    plain = kind(5, 4, num_layers=2, dropout=0.5)
+    box = nn.Sequential(copy.deepcopy(plain))
+    apical.perforate(box, apical.DendriteConfig(mode="gd"))
+    for _, layer in apical.dendritic_layers(box):
+        layer.install_random(1.0, torch.Generator().manual_seed(1))  # v = 0: the function of plain
+    first, second = kind(5, 4), kind(4, 4)
+    for k, single in enumerate((first, second)):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(single, f"{name}_l0").data.copy_(getattr(plain, f"{name}_l{k}"))
+    x = torch.randn(6, 3, 5)
+    torch.manual_seed(7)
+    got, _ = box[0].train()(x)
+    torch.manual_seed(7)
+    want, _ = second(nn.functional.dropout(first(x)[0], 0.5, True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, second(first(x)[0])[0], atol=1e-3)  # the mask did act
+
+
+@pytest.mark.parametrize("kind, state", [(nn.GRU, "h"), (nn.LSTM, "hc")])
+def test_without_dendrites_the_fused_kernel_takes_the_initial_state(kind, state):
+    torch.manual_seed(0)
+    plain = kind(5, 4, num_layers=2)
+    box = nn.Sequential(copy.deepcopy(plain))
+    apical.perforate(box, apical.DendriteConfig(mode="gd"))
+    x = torch.randn(6, 3, 5)
+    h0 = torch.randn(2, 3, 4)
+    hx = h0 if state == "h" else (h0, torch.randn(2, 3, 4))
+    assert not any(c.num_dendrites for c in box[0].cells())
+    got, want = box[0](x, hx), plain(x, hx)
+    assert _shapes(got) == _shapes(want)
+    torch.testing.assert_close(_flat(got), _flat(want))
 
 
 def _hand_gru(x, h0, w_ih, w_hh, b_ih, b_hh, dend):

@@ -634,9 +634,12 @@ def _expected_model(model: nn.Module, record: dict[str, dict[str, int]], info: d
                            f"{perforate_config.dendrite_rank!r}: perforate the model as it was, then load")
         geometry = {}
         for n in record:
-            root, w = planned[n]
+            _, w = planned[n]
             rank = info[n].get("rank")
-            groups = int(getattr(model.get_submodule(root), "groups", 1)) if n == root else 1
+            try:  # a grouped convolution projects per group; so does a registered layer that is one
+                groups = int(getattr(model.get_submodule(n), "groups", 1))
+            except AttributeError:  # a layer made from part of its root (attention projections, recurrent gates)
+                groups = 1
             geometry[n] = (_Geometry(int(w.shape[0]), tuple(int(s) for s in w.shape[1:]), rank,
                                      groups * (rank or 0)), w)
     else:

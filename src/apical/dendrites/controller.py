@@ -409,7 +409,7 @@ class Controller:
             "best_state": self._best_state,
             "accepted_state": self._accepted_state,
             "dp_snapshot": self._dp_snapshot,
-            "generator": None if self._generator is None else self._generator.get_state(),
+            "generator": self._generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

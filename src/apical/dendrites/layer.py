@@ -284,7 +284,8 @@ class DendriticLayer(nn.Module):
         """Install, for each neuron, the candidate with the highest score; drop the others.
 
         Returns the chosen candidate index per neuron. With ``output_init > 0`` the new
-        dendrite-to-neuron weight starts at ``-sign(cov) * output_init``.
+        dendrite-to-neuron weight starts at ``-sign(cov) * output_init``, the signs ``[C, O]`` given
+        or, by default, those of this epoch's statistics.
         """
         if self.candidate_weight is None:
             raise RuntimeError("this layer has no candidates to install")
@@ -295,7 +296,8 @@ class DendriticLayer(nn.Module):
         w, b = cw[best, cols], cb[best, cols]
         u = cu[best, :, cols].transpose(0, 1)  # [D, O]
         v = torch.zeros(o, **self._factory())
-        if output_init > 0 and signs is not None:
+        if output_init > 0:
+            signs = self.stats.signs() if signs is None else signs
             v = -signs.to(v)[best.cpu(), cols.cpu()].to(v.device) * output_init
         proj = self.candidate_projection()
         self._append_set(w, b, u, v, None if proj is None else proj.detach()[0])
