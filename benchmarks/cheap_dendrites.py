@@ -55,6 +55,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "pb-loss": ({}, "loss"),
 }
 REFERENCES = ("none@1", "none-long@1")
+#: seeds per suite the sweep plans (``--seeds 5``)
+PLANNED_SEEDS = 5
 
 
 def _read() -> list[dict]:
@@ -123,11 +125,9 @@ def _fmt_ci(c: tuple[float, float, float] | None, n: int) -> str:
 
 def _paired(a: dict[int, dict], b: dict[int, dict]) -> tuple[tuple[float, float, float] | None, int, int]:
     seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        return None, len(seeds), 0
     xa, xb = [a[s]["test"] for s in seeds], [b[s]["test"] for s in seeds]
     better = sum(x > y for x, y in zip(xa, xb, strict=True))
-    return st.paired_ci(xa, xb), len(seeds), better
+    return (st.paired_ci(xa, xb) if len(seeds) >= 2 else None), len(seeds), better
 
 
 def _verdict(c: tuple[float, float, float] | None) -> str:
@@ -167,9 +167,12 @@ def report(argv: list[str]) -> str:
         planned = len(REFERENCES) + 2 * len(VARIANTS)
         missing = [v for v in (*REFERENCES, *VARIANTS, *(f"matched:{v}" for v in VARIANTS))
                    if not _by(records, suite, v)]
-        if len(seeds) < 2 or missing:
-            lines.append(f"**Partial**: {len(seeds)} seed(s) started, {planned - len(missing)} of {planned} "
-                         f"variants with a run{'; not run yet: ' + ', '.join(missing) if missing else ''}. "
+        names = (*REFERENCES, *VARIANTS, *(f"matched:{v}" for v in VARIANTS))
+        complete = [s for s in seeds if all(s in _by(records, suite, v) for v in names)]
+        if len(complete) < PLANNED_SEEDS or missing:
+            lines.append(f"**Partial**: {len(seeds)} seed(s) started, {len(complete)} of {PLANNED_SEEDS} planned "
+                         f"complete, {planned - len(missing)} of {planned} variants with a run"
+                         f"{'; not run yet: ' + ', '.join(missing) if missing else ''}. "
                          "Rerun the command to continue it.\n")
         lines.append("| variant | runs | test | parameters | width | dendrites | epochs | seconds |")
         lines.append("|---|---|---|---|---|---|---|---|")
