@@ -329,6 +329,37 @@ def _numpy_cov_scores(layer_ref, batches):
     return cov, np.abs(cov) / dc.std(0)
 
 
+@pytest.mark.parametrize("improvement, totals, events", [
+    # an epoch improves when its total beats the best by more than the relative margin: a tie does not
+    (0.0, [1.0, 1.0, 1.2, 1.2], ["correlation_improved", "", "correlation_improved", ""]),
+    # +10% is not the +50% asked; +60% is
+    (0.5, [1.0, 1.1, 1.6, 1.7], ["correlation_improved", "", "correlation_improved", ""]),
+])
+def test_a_dendrite_epoch_improves_only_past_the_relative_margin(improvement, totals, events):
+    """Scripted candidate scores (the layer's statistics replaced by known numbers): the controller's
+    correlation is the mean over neurons of each neuron's best candidate score, and an epoch counts as
+    an improvement only when that mean exceeds the best so far times (1 + dendrite_improvement)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1))  # one neuron: the mean over neurons is its best score
+    cfg = DendriteConfig(mode="pb", candidates=2, patience=0, dendrite_patience=3, dendrite_improvement=improvement,
+                         min_dendrite_epochs=1, max_dendrite_epochs=20, improvement_threshold=0.0,
+                         improvement_threshold_raw=0.0, seed=0)
+    apical.perforate(model, cfg)
+    ctl = Controller(model, cfg)
+    _run(model, ctl, [1.0, 1.0])
+    assert ctl.phase == "dendrite"
+    layer = model[0]
+    got = []
+    for total in totals:
+        _epoch(model, ctl)
+        scores = torch.tensor([[total / 3], [total]], dtype=torch.float64)  # candidate 1 is the best
+        layer.candidate_scores = lambda scores=scores: scores
+        got.append(ctl.step(0.0))
+    assert [s.event for s in got] == events
+    assert [h["correlation"] for h in ctl.history[-len(totals):]] == pytest.approx(totals)
+    assert ctl.dp_since == 1 and ctl.dp_best == pytest.approx(totals[2])
+
+
 @pytest.mark.parametrize("output_init", [0.0, 0.5])
 def test_installed_candidate_is_the_best_of_the_best_correlation_epoch(output_init):
     """A dendrite phase of three epochs with candidate tensors set by the test (no optimiser step, so each
