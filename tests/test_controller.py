@@ -360,6 +360,39 @@ def test_a_dendrite_epoch_improves_only_past_the_relative_margin(improvement, to
     assert ctl.phase == "neuron" and ctl.dendrites == 1
 
 
+def test_a_low_rank_phase_installs_the_best_epochs_projection_and_weights():
+    """Candidates set by the test at the end of each epoch (their stored values) and scripted scores
+    peaking at epoch 2 of 5: the installed set is epoch 2's, shared projection included, times the
+    candidates' lr scale, and not the last epoch's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    cfg = DendriteConfig(mode="pb", candidates=2, dendrite_rank=1, patience=0, dendrite_patience=3,
+                         dendrite_improvement=0.0, min_dendrite_epochs=1, max_dendrite_epochs=20,
+                         improvement_threshold=0.0, improvement_threshold_raw=0.0, seed=0)
+    apical.perforate(model, cfg)
+    ctl = Controller(model, cfg)
+    _run(model, ctl, [1.0, 1.0])
+    layer = model[0]
+    assert ctl.phase == "dendrite" and layer.candidate_proj.shape == (1, 1, 3)
+    scale = layer.candidate_scale
+    g = torch.Generator().manual_seed(5)
+    stored = [{"weight": torch.randn(2, 2, 1, generator=g), "bias": torch.randn(2, 2, generator=g),
+               "proj": torch.randn(1, 1, 3, generator=g)} for _ in range(5)]
+    scores = torch.tensor([[1.0, 3.0], [2.0, 0.5]], dtype=torch.float64)  # neuron 0 takes 1, neuron 1 takes 0
+    for factor, tensors in zip([1.0, 2.0, 1.5, 1.5, 1.5], stored, strict=True):
+        _epoch(model, ctl)
+        with torch.no_grad():  # the candidates as they stand when the epoch ends
+            for name, value in tensors.items():
+                getattr(layer, f"candidate_{name}").copy_(value)
+        layer.candidate_scores = lambda s=scores * factor: s
+        step = ctl.step(0.0)
+    assert step.event == "installed" and layer.num_dendrites == 1
+    best = stored[1]
+    torch.testing.assert_close(layer.dendrite_proj[0], best["proj"][0] * scale)
+    torch.testing.assert_close(layer.dendrite_weight[0], best["weight"][[1, 0], [0, 1]] * scale)
+    torch.testing.assert_close(layer.dendrite_bias[0], best["bias"][[1, 0], [0, 1]] * scale)
+
+
 @pytest.mark.parametrize("output_init", [0.0, 0.5])
 def test_installed_candidate_is_the_best_of_the_best_correlation_epoch(output_init):
     """A dendrite phase of three epochs with candidate tensors set by the test (no optimiser step, so each
