@@ -360,6 +360,23 @@ def test_a_dendrite_epoch_improves_only_past_the_relative_margin(improvement, to
     assert ctl.phase == "neuron" and ctl.dendrites == 1
 
 
+def test_gd_sets_are_drawn_from_the_controllers_own_seeded_generator():
+    """A gd set's weights and biases are randn draws from torch.Generator().manual_seed(config.seed) times
+    init_scale / sqrt(fan_in), whatever the global generator's state."""
+    cfg = DendriteConfig(mode="gd", patience=1, init_scale=0.7, seed=11)
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        model = nn.Sequential(nn.Linear(3, 2))
+        apical.perforate(model, cfg)
+        ctl = Controller(model, cfg)
+        steps, _ = _run(model, ctl, [1.0, 1.0])
+        assert steps[-1].event == "plateau,added" and model[0].num_dendrites == 1
+        g = torch.Generator().manual_seed(11)
+        std = 0.7 / 3 ** 0.5
+        torch.testing.assert_close(model[0].dendrite_weight[0], torch.randn(1, 2, 3, generator=g)[0] * std)
+        torch.testing.assert_close(model[0].dendrite_bias[0], torch.randn(1, 2, generator=g)[0] * std)
+
+
 def test_a_low_rank_phase_installs_the_best_epochs_projection_and_weights():
     """Candidates set by the test at the end of each epoch (their stored values) and scripted scores
     peaking at epoch 2 of 5: the installed set is epoch 2's, shared projection included, times the

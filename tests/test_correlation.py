@@ -364,6 +364,22 @@ def test_flat_is_the_count_then_every_running_sum():
     assert stats.flat().device.type == "meta"
 
 
+def test_signs_of_positive_negative_and_zero_covariance():
+    """From hand-set sums: cov = s_ad / n - (s_a / n) (s_d / n) is +2, -3 and exactly 0; zero counts as +1."""
+    from apical.dendrites.correlation import CorrelationStats
+
+    stats = CorrelationStats(1, 3)
+    stats.n = 2.0
+    stats.shift_a, stats.shift_d = torch.zeros(1, 3), torch.zeros(3)
+    stats.s_a = torch.tensor([[2.0, 2.0, 2.0]], dtype=torch.float64)
+    stats.s_d = torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64)
+    stats.s_ad = torch.tensor([[6.0, -4.0, 2.0]], dtype=torch.float64)  # cov = 3 - 1, -2 - 1, 1 - 1
+    stats.s_aa = torch.full((1, 3), 8.0, dtype=torch.float64)
+    stats.s_dd = torch.full((3,), 8.0, dtype=torch.float64)
+    assert stats.moments()["cov"].tolist() == [[2.0, -3.0, 0.0]]
+    assert stats.signs().tolist() == [[1.0, -1.0, 1.0]] and stats.signs().dtype == torch.float64
+
+
 @pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 1e-6), (torch.float64, 1e-12)])
 def test_two_ranks_accumulate_low_and_high_precision_exactly(dtype, rtol, monkeypatch):
     """accumulate_global on bf16 outputs and errors works in float32 at least (the sums match numpy on the

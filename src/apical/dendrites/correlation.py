@@ -152,7 +152,8 @@ class CorrelationStats:
         return score
 
     def signs(self) -> Tensor:
-        """``[C, O]`` sign of each candidate's covariance with its neuron's error."""
+        """``[C, O]`` sign of each candidate's covariance with its neuron's error (zero counts as +1,
+        as in the candidates' gradient)."""
         cov = self.moments()["cov"]
         return torch.where(cov >= 0, 1.0, -1.0).to(torch.float64)
 
