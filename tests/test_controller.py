@@ -78,7 +78,8 @@ def test_scripted_pb_decisions(maximize):
     assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
     assert [h["epoch"] for h in ctl.history] == list(range(1, 21))
     assert ctl.history[4]["phase"] == "dendrite" and ctl.history[4]["correlation"] > 0
-    with pytest.raises(RuntimeError, match="already done"):
+    with pytest.raises(RuntimeError, match="^training is already done: the model holds the best network; stop "
+                       r"calling step\(\)$"):
         ctl.step(1.0)
 
 
@@ -200,7 +201,8 @@ def test_bad_scores_raise_and_change_nothing(bad):
 
 def test_step_before_any_training_batch():
     model, ctl = _setup("pb")
-    with pytest.raises(RuntimeError, match="before any training batch"):
+    with pytest.raises(RuntimeError, match=r"^step\(\) was called before any training batch this epoch: run the "
+                       r"epoch's training forward/backward passes with model.train\(\) first$"):
         ctl.step(1.0)
     model.eval()
     with torch.no_grad():
@@ -358,6 +360,21 @@ def test_a_dendrite_epoch_improves_only_past_the_relative_margin(improvement, to
     assert [s.event for s in got] == events
     assert [h["correlation"] for h in ctl.history[-len(totals):]] == pytest.approx(totals)
     assert ctl.phase == "neuron" and ctl.dendrites == 1
+
+
+@pytest.mark.parametrize("maximize, scores, events", [
+    # relative threshold 0.1 of |best|: from 4.0, +0.3 is short of 0.4 and +0.5 is enough
+    (True, [4.0, 4.3, 4.5, 4.9], ["improved", "", "improved", ""]),
+    # minimising, from -4.0 (the threshold scales with |best|): -4.3 is short, -4.5 enough
+    (False, [-4.0, -4.3, -4.5, -4.9], ["improved", "", "improved", ""]),
+])
+def test_a_neuron_epoch_improves_only_past_the_relative_threshold(maximize, scores, events):
+    cfg = DendriteConfig(mode="none", patience=5, improvement_threshold=0.1, improvement_threshold_raw=0.01)
+    model = nn.Sequential(nn.Linear(3, 2))
+    ctl = Controller(model, cfg, maximize=maximize)
+    steps, _ = _run(model, ctl, scores)
+    assert [s.event for s in steps] == events
+    assert ctl.best == scores[2]
 
 
 def test_gd_sets_are_drawn_from_the_controllers_own_seeded_generator():
@@ -534,10 +551,10 @@ class _WithExtraState(nn.Linear):
 
     def __init__(self):
         super().__init__(3, 2)
-        self.info = {"seen": 0}
+        self.info = {"seen": 0, "log": []}
 
     def get_extra_state(self):
-        return dict(self.info)
+        return dict(self.info)  # shallow: the log list is the module's own
 
     def set_extra_state(self, state):
         self.info = dict(state)
@@ -549,15 +566,17 @@ def test_snapshots_keep_a_modules_extra_state():
     ctl = Controller(model, DendriteConfig(mode="none", patience=1))
     x = torch.randn(8, 4)
     model[2].info["seen"] = 1
+    model[2].info["log"].append("epoch 1")
     model(x)
     assert ctl.step(0.9).event == "improved"  # the best network, extra state included, is snapshotted
     best = {k: v.clone() for k, v in model.state_dict().items() if k != "2._extra_state"}
     model[2].info["seen"] = 2
+    model[2].info["log"].append("epoch 2")  # changed in place: the snapshot must hold its own copy
     with torch.no_grad():
         model[0].weight.add_(1.0)
     model(x)
     assert ctl.step(0.1).done  # worse, patience 1: done, the best network is back
-    assert model[2].info == {"seen": 1}
+    assert model[2].info == {"seen": 1, "log": ["epoch 1"]}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
 
 
