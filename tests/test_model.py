@@ -55,27 +55,46 @@ def test_include_exclude_by_type_name_and_regex():
     assert [n for n, _ in apical.dendritic_layers(net)] == ["conv", "fc1"]
 
 
+KINDS = "supported kinds are {} (apical.register_layer adds one)"
+NAMES = "names look like ['conv', 'bn', 'attn', 'attn.out_proj', 'fc1']"
+
+
 @pytest.mark.parametrize(
     "include, message",
     [
-        (["nothere"], "matches no module"),
-        (["bil"], "cannot wrap 'bil'"),
-        ([nn.Bilinear], "cannot wrap Bilinear"),
-        (["attn.out_proj"], "reads its weights directly"),
-        (["dr.p"], "only modules apical cannot wrap"),
+        (["nothere"], f"include: 'nothere' matches no module of the model; {NAMES}"),
+        (["bil"], f"include: cannot wrap 'bil' (Bilinear): unsupported type Bilinear; {KINDS}"),
+        ([nn.Bilinear], f"include: apical cannot wrap Bilinear; {KINDS}"),
+        (["attn.out_proj"], "include: cannot wrap 'attn.out_proj' (NonDynamicallyQuantizableLinear): it sits "
+                            "inside MultiheadAttention, which reads its weights directly (wrap that module instead); "
+                            + KINDS),
+        (["dr.p"], "include: 'dr.p' matches only modules apical cannot wrap: [('drop', 'Dropout')]"),
+        (["fc1", "fc1"], None),  # a repeated name is wrapped once
     ],
 )
 def test_bad_selections_are_refused_without_changes(include, message):
+    from apical.dendrites.registry import layer_registry
+
     net = Net()
+    if message is None:
+        apical.perforate(net, DendriteConfig(include=include))
+        assert [n for n, _ in apical.dendritic_layers(net)] == ["fc1"]
+        return
+    message = message.replace("{}", str(layer_registry.kinds()))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(PerforationError, match=message):
+    with pytest.raises(PerforationError, match=f"^{re.escape(message)}$"):
         apical.perforate(net, DendriteConfig(include=include))
     assert not apical.dendritic_layers(net)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_model_with_nothing_to_wrap():
-    with pytest.raises(PerforationError, match="nothing to wrap"):
+    from apical.dendrites.registry import layer_registry
+
+    message = ("nothing to wrap: the model has no module apical supports (outside excluded names), so dendrites have "
+               f"nowhere to go; supported kinds are {layer_registry.kinds()} (apical.register_layer adds one). "
+               "apical.coverage(model) lists every module")
+    with pytest.raises(PerforationError, match=f"^{re.escape(message)}$"):
         apical.perforate(nn.Sequential(nn.ReLU(), nn.Bilinear(3, 3, 3)))
 
 
@@ -83,7 +102,7 @@ def test_perforating_twice_is_refused_and_unwrap_undoes():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     w = net[0].weight
     apical.perforate(net)
-    with pytest.raises(PerforationError, match="already perforated"):
+    with pytest.raises(PerforationError, match=r"^the model is already perforated; call apical.unwrap\(model\) first$"):
         apical.perforate(net)
     apical.unwrap(net)
     assert type(net[0]) is nn.Linear and net[0].weight is w
@@ -230,7 +249,8 @@ def test_an_exclusion_that_cannot_take_effect_is_an_error():
         with pytest.raises(PerforationError, match=rf"exclude: '{re.escape(name)}' sits inside '0' "
                            r"\(MultiheadAttention\).*exclude '0'"):
             apical.perforate(build(), DendriteConfig(exclude=[name]))
-    with pytest.raises(PerforationError, match="exclude: 'fc9' matches no module"):
+    with pytest.raises(PerforationError, match=r"^exclude: 'fc9' matches no module of the model; names look like "
+                       r"\['0', '0.out_proj', '1'\]$"):
         apical.perforate(build(), DendriteConfig(exclude=["fc9"]))
     net = build()
     apical.perforate(net, DendriteConfig(exclude=["0"]))  # the whole attention: honoured
