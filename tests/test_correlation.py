@@ -404,6 +404,9 @@ def test_two_ranks_accumulate_low_and_high_precision_exactly(dtype, rtol, monkey
     d = np.concatenate([b[1].double().numpy().reshape(-1, 3) for b in batches])
     m = stats[0].moments()
     assert all(t.dtype == torch.float64 for t in m.values())
+    # the per-batch work stays in the outputs' precision (float32 at least), not float64: the shifts say so
+    work = torch.float32 if dtype == torch.bfloat16 else dtype
+    assert (stats[0].shift_a.dtype, stats[0].shift_d.dtype) == (work, work)
     np.testing.assert_allclose(m["mean_a"].numpy(), a.mean(0), rtol=rtol)
     np.testing.assert_allclose(m["mean_d"].numpy(), d.mean(0), rtol=rtol)
     np.testing.assert_allclose(m["var_d"].numpy(), d.var(0), rtol=100 * rtol)

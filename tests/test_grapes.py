@@ -745,6 +745,10 @@ def test_layers_inside_multihead_attention_are_left_alone():
     with pytest.raises(ValueError, match=r"matches no Linear/Conv/recurrent/dendritic layer of the model; "
                                          r"its layers are \['head'\]$"):
         grapes(model, layers=["attn.out_proj"])
+    # perforated, the attention holds dendritic layers (its projections): still read directly, still left alone
+    apical.perforate(model, apical.DendriteConfig(mode="gd"))
+    assert {"attn.out_proj", "attn.q_proj"} <= {n for n, _ in apical.dendritic_layers(model)}
+    assert grapes(model, exclude=()).layers == ["head"]
 
 
 def test_a_base_type_or_name_selects_its_dendritic_layer():

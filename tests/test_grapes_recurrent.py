@@ -218,6 +218,22 @@ def test_rnn_modules_match_numpy_bptt(kind, mode, shape):
     handle.remove()
 
 
+def test_propagate_mode_steps_every_recurrent_module_of_the_model():
+    """Two recurrent modules in one model (a GRU and a 2-layer LSTM): each gets its own step loop, and
+    each one's gradients are its numpy BPTT reference's."""
+    gru, lstm = _rnn("gru"), _rnn("lstm", layers=2)
+    model = nn.ModuleDict({"gru": gru, "lstm": lstm})
+    handle = grapes(model, mode="propagate", exclude=())
+    assert handle.layers == ["gru:l0", "lstm:l0", "lstm:l1"]
+    data = {k: _rnn_data(k, m) for k, m in (("gru", gru), ("lstm", lstm))}
+    (_rnn_loss("gru", gru, *data["gru"]) + _rnn_loss("lstm", lstm, *data["lstm"])).backward()
+    for kind, module in (("gru", gru), ("lstm", lstm)):
+        want, _ = np_rnn(kind, module, *(_np(d) for d in data[kind]), "propagate", (1.0, 2.0))
+        for name, p in module.named_parameters():
+            np.testing.assert_allclose(_np(p.grad), want[name], rtol=1e-9, atol=1e-12, err_msg=f"{kind} {name}")
+    handle.remove()
+
+
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 def test_unclipped_propagate_on_a_batch_first_rnn(kind):
     module = _rnn(kind, batch_first=True)

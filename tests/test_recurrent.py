@@ -5,6 +5,7 @@ export and unwrap."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -388,15 +389,28 @@ def test_export_and_unwrap_without_dendrites_give_the_plain_modules_back():
 
 
 def test_unsupported_recurrent_modules_say_why():
+    proj_reason = "an LSTM with proj_size > 0 (projected hidden states) is not supported"
     proj = nn.Sequential(nn.LSTM(4, 6, proj_size=3))
-    report = apical.coverage(proj)
-    assert any("proj_size" in e.reason for e in report.entries)
+    assert {e.name: e.reason for e in apical.coverage(proj).entries}["0"] == proj_reason
+    with pytest.raises(ValueError, match=f"^cannot wrap LSTM: {re.escape(proj_reason)}$"):
+        DendriticLSTM.wrap(nn.LSTM(4, 6, proj_size=3))
 
     class MyGRU(nn.GRU):
         def forward(self, x, h=None):
             return super().forward(x * 2, h)
 
-    assert any("register a layer class" in e.reason for e in apical.coverage(nn.Sequential(MyGRU(3, 2))).entries)
+    reason = "MyGRU subclasses GRU with code of its own: register a layer class for it (apical.register_layer)"
+    assert {e.name: e.reason for e in apical.coverage(nn.Sequential(MyGRU(3, 2))).entries}["0"] == reason
+    with pytest.raises(ValueError, match=f"^cannot wrap MyGRU: {re.escape(reason)}$"):
+        DendriticGRU.wrap(MyGRU(3, 2))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_every_cell_takes_the_configs_activation(activation):
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, bidirectional=True))
+    apical.perforate(model, apical.DendriteConfig(activation=activation))
+    cells = list(model[0].cells())
+    assert len(cells) == 4 and all(c.activation == activation for c in cells)
 
 
 def test_attentive_fp_carries_dendrites_on_its_gru_cells():

@@ -92,7 +92,7 @@ class CorrelationStats:
         """
         with torch.no_grad():
             a = a.detach().float() if a.dtype in (torch.float16, torch.bfloat16) else a.detach()
-            d = d.detach().to(a.dtype)
+            d = d.detach()  # the gradient of the layer's output: a's dtype, or one torch promotes with it
             dims_a = layer.observation_dims(True, a.dim())
             dims_d = layer.observation_dims(False, d.dim())
             first = self.shift_a is None
@@ -100,7 +100,7 @@ class CorrelationStats:
                 ac, dc = a.double(), d.double()
             else:
                 ac, dc = a - layer._chan(self.shift_a), d - layer._chan(self.shift_d)
-            parts = [torch.full((1,), float(d.numel() // self.neurons), dtype=torch.float64, device=a.device),
+            parts = [torch.tensor([d.numel() // self.neurons], dtype=torch.float64, device=a.device),
                      ac.sum(dims_a), dc.sum(dims_d), (ac * ac).sum(dims_a), (dc * dc).sum(dims_d),
                      (ac * dc.unsqueeze(layer.set_axis % ac.dim())).sum(dims_a)]
             buf = _dist.all_reduce_sum(torch.cat([t.double().reshape(-1) for t in parts]))

@@ -62,7 +62,7 @@ class _CellWeights(nn.Module):
         self.mode = rnn.mode
 
     def _get(self, name: str) -> Tensor | None:
-        return getattr(self._rnn, name + self.suffix, None) if self._rnn.bias or "weight" in name else None
+        return getattr(self._rnn, name + self.suffix, None)  # a module without biases has no bias_* attributes
 
     @property
     def weight_ih(self) -> Tensor:
