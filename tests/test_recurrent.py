@@ -405,6 +405,23 @@ def test_unsupported_recurrent_modules_say_why():
         DendriticGRU.wrap(MyGRU(3, 2))
 
 
+def test_unwrap_of_a_bidirectional_stack_gives_back_the_plain_module():
+    """One cell per layer and direction, no more: unwrap removes exactly those and leaves nn.GRU itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, bidirectional=True))
+    params = dict(model[0].named_parameters())
+    x = torch.randn(5, 2, 3)
+    want = model(x)[0]
+    apical.perforate(model, apical.DendriteConfig(mode="gd"))
+    assert [n for n, _ in apical.dendritic_layers(model)] == ["0.cell_l0", "0.cell_l0_reverse", "0.cell_l1",
+                                                              "0.cell_l1_reverse"]
+    assert len(model[0].cells()) == 4
+    apical.unwrap(model)
+    assert type(model[0]) is nn.GRU and not list(model[0].children())
+    assert dict(model[0].named_parameters()) == params
+    assert torch.equal(model(x)[0], want)
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_every_cell_takes_the_configs_activation(activation):
     model = nn.Sequential(nn.GRU(3, 4, num_layers=2, bidirectional=True))
