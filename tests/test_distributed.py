@@ -240,7 +240,7 @@ def test_apical_group_is_released_with_the_default_group(tmp_path):
     assert mine() is None and len(_dist._groups) == 0
 
 
-def test_release_frees_apicals_group_before_the_default_group(tmp_path):
+def test_release_frees_apicals_group_before_the_default_group(tmp_path, monkeypatch):
     import gc
     import weakref
 
@@ -250,7 +250,12 @@ def test_release_frees_apicals_group_before_the_default_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         first = weakref.ref(_dist.group())
+        real_barrier, waited = dist.barrier, []  # (no reference kept to the group: it must be freed)
+        monkeypatch.setattr(dist, "barrier",
+                            lambda group=None: waited.append(group is first()) or real_barrier(group=group))
         ad.release()
+        assert waited == [True]  # the barrier ran on apical's own group
+        monkeypatch.setattr(dist, "barrier", real_barrier)
         gc.collect()
         assert first() is None and len(_dist._groups) == 0 and dist.is_initialized()
         ad.release()  # idempotent
@@ -264,8 +269,12 @@ def test_collectives_on_one_rank_and_the_nccl_device_rule(one_rank_group, monkey
     """all_reduce_sum and all_gather on a one-rank gloo group; a tensor that the backend cannot take (NCCL
     wants the current GPU) travels through a copy and comes back in place."""
     buf = torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64)
+    real_all_reduce, used = dist.all_reduce, []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: used.append(group) or real_all_reduce(t, group=group))
     out = _dist.all_reduce_sum(buf)
     assert out is buf and torch.equal(buf, torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64))
+    assert used == [_dist.group()] and used[0] is not None  # apical's own group, not the default one
+    monkeypatch.setattr(dist, "all_reduce", real_all_reduce)
     rows = _dist.all_gather(torch.tensor([4.0, 5.0], dtype=torch.float64))
     assert rows.shape == (1, 2) and torch.equal(rows[0], torch.tensor([4.0, 5.0], dtype=torch.float64))
     assert _dist._device(buf) == buf.device  # gloo: the tensor stays where it is
