@@ -428,6 +428,7 @@ def test_every_cell_takes_the_configs_activation(activation):
     apical.perforate(model, apical.DendriteConfig(activation=activation))
     cells = list(model[0].cells())
     assert len(cells) == 4 and all(c.activation == activation for c in cells)
+    assert {c.activation for c in DendriticGRU.wrap(nn.GRU(3, 4)).cells()} == {"sigmoid"}  # wrap's default
 
 
 def test_attentive_fp_carries_dendrites_on_its_gru_cells():
