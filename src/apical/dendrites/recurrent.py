@@ -138,17 +138,14 @@ class DendriticRecurrentCell(DendriticLayer):
         if d == 0 and not training:
             return s
         u = torch.cat([x, h], -1)
-        a = None
         if d:
-            a = self.dendrite_activations(u)
-            v = self.dendrite_out
-            for k in range(d):
-                s = torch.addcmul(s, v[k], a[..., k, :])
+            a = self.dendrite_activations(u)  # [B, D, G*H]
+            s = s + (a * self.dendrite_out).sum(-2)  # sum_k v_k a_k: one product (2x a loop of addcmul)
         if training:
-            cu = self.candidate_tensors()[2]
-            pre = self.candidate_pre(u.detach())
-            if d:
-                a_const = a.detach()
+            cu = self.candidate_tensors()[2]  # [C, D, G*H]
+            pre = self.candidate_pre(u.detach())  # [B, C, G*H]
+            if d:  # the installed sets' outputs feed every candidate (cascade), as constants; D fused
+                a_const = a.detach()  # multiply-adds measured faster than one broadcast product over D
                 for e in range(d):
                     pre = torch.addcmul(pre, cu[:, e], a_const[..., e, :].unsqueeze(-2))
             s = correlation_tap(s, ACTIVATION_FNS[self.activation](pre), self)
