@@ -5,6 +5,7 @@ export and unwrap."""
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import numpy as np
@@ -600,7 +601,9 @@ def test_planned_layers_read_each_directions_own_weights():
         assert torch.equal(weight, torch.cat(rows, 1))
 
 
-@pytest.mark.parametrize("kind", [nn.RNNCell, nn.GRUCell, nn.LSTMCell])
+@pytest.mark.parametrize("kind", [nn.RNNCell, nn.GRUCell, nn.LSTMCell,
+                                  functools.partial(nn.RNNCell, nonlinearity="relu")],
+                         ids=["rnn", "gru", "lstm", "rnn-relu"])
 def test_an_unbatched_cell_step_returns_torchs_types_and_values(kind):
     torch.manual_seed(0)
     plain = kind(3, 4)
