@@ -601,15 +601,43 @@ def test_planned_layers_read_each_directions_own_weights():
         assert torch.equal(weight, torch.cat(rows, 1))
 
 
-@pytest.mark.parametrize("kind", [nn.RNNCell, nn.GRUCell, nn.LSTMCell,
-                                  functools.partial(nn.RNNCell, nonlinearity="relu")],
+def test_a_cell_kind_is_refused_by_reason():
+    class Halfway(nn.Module):  # an input matrix only
+        def __init__(self):
+            super().__init__()
+            self.weight_ih = nn.Parameter(torch.zeros(4, 3))
+
+    class OddMode(nn.Module):  # both matrices, a mode apical does not know
+        mode = "QRNN"
+
+        def __init__(self):
+            super().__init__()
+            self.weight_ih, self.weight_hh = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(4, 4))
+
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight_ih = nn.parameter.UninitializedParameter()
+
+    no_weights = "it has no weight_ih / weight_hh tensors"
+    assert DendriticRecurrentCell.unsupported(nn.Identity()) == no_weights
+    assert DendriticRecurrentCell.unsupported(Halfway()) == no_weights
+    assert DendriticRecurrentCell.unsupported(OddMode()) == "unknown recurrent mode 'QRNN'"
+    assert DendriticRecurrentCell.unsupported(Lazy()) == ("it is a lazy layer that has not been initialised yet: run "
+                                                          "one forward pass through the model first")
+    assert DendriticRecurrentCell.unsupported(nn.GRUCell(3, 4)) is None
+
+
+@pytest.mark.parametrize("kind, mode", [(nn.RNNCell, "RNN_TANH"), (nn.GRUCell, "GRU"), (nn.LSTMCell, "LSTM"),
+                                        (functools.partial(nn.RNNCell, nonlinearity="relu"), "RNN_RELU")],
                          ids=["rnn", "gru", "lstm", "rnn-relu"])
-def test_an_unbatched_cell_step_returns_torchs_types_and_values(kind):
+def test_an_unbatched_cell_step_returns_torchs_types_and_values(kind, mode):
     torch.manual_seed(0)
     plain = kind(3, 4)
     box = nn.Sequential(copy.deepcopy(plain))
     apical.perforate(box, apical.DendriteConfig(mode="gd"))
     box[0].install_random(1.0, torch.Generator().manual_seed(1))  # v = 0: the function is kept
+    assert (box[0].input_size, box[0].hidden_size, box[0].mode) == (3, 4, mode)
     x = torch.randn(3)
     got, want = box[0](x), plain(x)
     if kind is nn.LSTMCell:
