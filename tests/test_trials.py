@@ -125,6 +125,24 @@ def test_a_lower_is_better_metric_counts_wins_downward():
     assert Comparison("a", "b", 1.0, 1, 0.1, float("nan"), float("nan"), 1, (0,)).verdict == "too few seeds"
 
 
+def test_the_better_plain_baseline_is_chosen_on_the_seeds_both_have():
+    """A partial table: none-long has a third, weak seed. Over the two shared seeds none-long is better
+    (0.86 against 0.85 on average), over all its runs it would look worse (0.85): the shared seeds decide."""
+    from apical.trials.stats import better_baseline
+
+    def rec(mode, seed, test, width=1.0):
+        return {"mode": mode, "seed": seed, "for_width": width, "test": test}
+
+    records = [rec("none", 0, 0.85), rec("none", 1, 0.85), rec("none-long", 0, 0.86), rec("none-long", 1, 0.86),
+               rec("none-long", 2, 0.83), rec("pb", 0, 0.99)]
+    assert better_baseline(records, 1.0) == "none-long"
+    assert better_baseline(records, 1.0, higher_is_better=False) == "none"
+    # no shared seed: each mode's own mean; one plain mode only: that one; none at this width: None
+    assert better_baseline([rec("none", 0, 0.8), rec("none-long", 1, 0.7)], 1.0) == "none"
+    assert better_baseline([rec("none-long", 3, 0.1)], 1.0) == "none-long"
+    assert better_baseline(records, 0.5) is None
+
+
 def test_rerun_skips_finished_runs_and_redoes_a_torn_last_line(tmp_path, monkeypatch):
     task = load_task_file(TASK_FILE).with_settings(max_epochs=5)
     apical.trial(task, modes=("none", "pb"), seeds=2, out=tmp_path)

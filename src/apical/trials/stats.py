@@ -79,8 +79,12 @@ def compare(records: Sequence[Mapping[str, Any]], mode: str, baseline: str, widt
 
 
 def better_baseline(records: Sequence[Mapping[str, Any]], width: float, higher_is_better: bool = True) -> str | None:
-    """Whichever of none / none-long has the better mean test score at ``width``."""
-    means = {m: s["test"][0] for m in BASELINES if (s := summary(records, m, width)) is not None}
-    if not means:
+    """Whichever of none / none-long has the better mean test score at ``width``: over the seeds
+    both have when they share any (a partial table must not favour the mode with fewer seeds)."""
+    scores = {m: {int(r["seed"]): float(r["test"]) for r in runs(records, m, width)} for m in BASELINES}
+    scores = {m: by_seed for m, by_seed in scores.items() if by_seed}
+    if not scores:
         return None
+    common = set.intersection(*(set(by_seed) for by_seed in scores.values()))
+    means = {m: sum(by_seed[k] for k in (common or by_seed)) / len(common or by_seed) for m, by_seed in scores.items()}
     return (max if higher_is_better else min)(means, key=means.__getitem__)
