@@ -144,8 +144,8 @@ class DendriticRecurrentCell(DendriticLayer):
         if training:
             cu = self.candidate_tensors()[2]  # [C, D, G*H]
             pre = self.candidate_pre(u.detach())  # [B, C, G*H]
-            if d:  # the installed sets' outputs feed every candidate (cascade), as constants; D fused
-                a_const = a.detach()  # multiply-adds measured faster than one broadcast product over D
+            if d:  # the installed sets' outputs feed every candidate (cascade), as constants: D
+                a_const = a.detach()  # multiply-adds, measured faster here than one broadcast product
                 for e in range(d):
                     pre = torch.addcmul(pre, cu[:, e], a_const[..., e, :].unsqueeze(-2))
             s = correlation_tap(s, ACTIVATION_FNS[self.activation](pre), self)

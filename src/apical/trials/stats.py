@@ -64,11 +64,14 @@ def summary(records: Sequence[Mapping[str, Any]], mode: str, width: float) -> di
     return out
 
 
+def _test_by_seed(records: Sequence[Mapping[str, Any]], mode: str, width: float) -> dict[int, float]:
+    return {int(r["seed"]): float(r["test"]) for r in runs(records, mode, width)}
+
+
 def compare(records: Sequence[Mapping[str, Any]], mode: str, baseline: str, width: float,
             higher_is_better: bool = True) -> Comparison | None:
     """Paired comparison of ``mode`` with ``baseline`` at ``width`` over their common seeds (None if none)."""
-    a = {int(r["seed"]): float(r["test"]) for r in runs(records, mode, width)}
-    b = {int(r["seed"]): float(r["test"]) for r in runs(records, baseline, width)}
+    a, b = _test_by_seed(records, mode, width), _test_by_seed(records, baseline, width)
     seeds = tuple(sorted(set(a) & set(b)))
     if not seeds:
         return None
@@ -81,7 +84,7 @@ def compare(records: Sequence[Mapping[str, Any]], mode: str, baseline: str, widt
 def better_baseline(records: Sequence[Mapping[str, Any]], width: float, higher_is_better: bool = True) -> str | None:
     """Whichever of none / none-long has the better mean test score at ``width``: over the seeds
     both have when they share any (a partial table must not favour the mode with fewer seeds)."""
-    scores = {m: {int(r["seed"]): float(r["test"]) for r in runs(records, m, width)} for m in BASELINES}
+    scores = {m: _test_by_seed(records, m, width) for m in BASELINES}
     scores = {m: by_seed for m, by_seed in scores.items() if by_seed}
     if not scores:
         return None
