@@ -13,10 +13,10 @@ def test_defaults_are_valid_and_round_trip():
     assert again == cfg
 
 
-def test_types_in_include_round_trip():
-    cfg = DendriteConfig(include=[nn.Linear, "fc.*"], exclude=["head"])
+def test_types_in_include_and_exclude_round_trip():
+    cfg = DendriteConfig(include=[nn.Linear, "fc.*"], exclude=["head", nn.Conv2d])
     again = DendriteConfig.from_dict(cfg.to_dict())
-    assert again.include == (nn.Linear, "fc.*") and again.exclude == ("head",)
+    assert again.include == (nn.Linear, "fc.*") and again.exclude == ("head", nn.Conv2d)
 
 
 C = "DendriteConfig."

@@ -619,13 +619,28 @@ def test_a_cell_kind_is_refused_by_reason():
             super().__init__()
             self.weight_ih = nn.parameter.UninitializedParameter()
 
+    class NoMode(nn.Module):  # both matrices, not one of torch's cells, no mode attribute
+        def __init__(self):
+            super().__init__()
+            self.weight_ih, self.weight_hh = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(4, 4))
+
     no_weights = "it has no weight_ih / weight_hh tensors"
+    assert DendriticRecurrentCell.unsupported(NoMode()) == "unknown recurrent mode None"
     assert DendriticRecurrentCell.unsupported(nn.Identity()) == no_weights
     assert DendriticRecurrentCell.unsupported(Halfway()) == no_weights
     assert DendriticRecurrentCell.unsupported(OddMode()) == "unknown recurrent mode 'QRNN'"
     assert DendriticRecurrentCell.unsupported(Lazy()) == ("it is a lazy layer that has not been initialised yet: run "
                                                           "one forward pass through the model first")
     assert DendriticRecurrentCell.unsupported(nn.GRUCell(3, 4)) is None
+
+
+def test_a_cell_built_by_hand_has_sigmoid_dendrites_like_perforate_gives():
+    cell = DendriticRecurrentCell(nn.GRUCell(3, 4))
+    assert cell.activation == "sigmoid" == apical.DendriteConfig().activation
+    cell.install_random(1.0, torch.Generator().manual_seed(0))
+    u = torch.randn(5, 7)  # [x, h] side by side
+    pre = u @ cell.dendrite_weight[0].T + cell.dendrite_bias[0]
+    assert torch.allclose(cell.dendrite_activations(u)[:, 0], torch.sigmoid(pre))
 
 
 @pytest.mark.parametrize("kind, mode", [(nn.RNNCell, "RNN_TANH"), (nn.GRUCell, "GRU"), (nn.LSTMCell, "LSTM"),
