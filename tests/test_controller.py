@@ -1,4 +1,5 @@
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -210,8 +211,26 @@ def test_step_before_any_training_batch():
     with pytest.raises(RuntimeError, match="before any training batch"):
         ctl.step(1.0)
     assert ctl.epoch == 0 and not ctl.history
+    model.train()
+    _epoch(model, ctl)
+    ctl.step(1.0)
+    with pytest.raises(RuntimeError, match="before any training batch"):  # each epoch needs its own batches
+        ctl.step(1.0)
+    assert ctl.epoch == 1
 
 
+def test_restructures_are_logged_and_routine_improvements_are_not(caplog):
+    model, ctl = _setup("pb", patience=1, min_dendrite_epochs=1, max_dendrite_epochs=1)
+    events = []
+    with caplog.at_level(logging.INFO, logger="apical"):
+        for score in (1.0, 2.0, 2.0, 2.0):
+            _epoch(model, ctl)
+            events.append(ctl.step(score).event)
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("apical")]
+    quiet = {"improved", "correlation_improved"}
+    expected = [e for ev in events for e in ev.split(",") if e and e not in quiet]
+    assert "improved" in events[1].split(",") and expected  # the script has both kinds
+    assert [m.split(": ", 1)[1].split(" (")[0] for m in logged] == expected
 def test_dendrite_phase_without_backward_is_refused():
     model, ctl = _setup("pb")
     _run(model, ctl, [1, 1, 1])

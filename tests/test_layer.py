@@ -305,6 +305,18 @@ def test_sets_and_candidates_keep_the_layers_dtype(dtype, rank):
     check(3, 2)
 
 
+def test_install_best_with_the_users_own_scores_needs_no_statistics():
+    """Scores from elsewhere (no batch seen): each neuron gets the argmax candidate's row, and v starts at 0."""
+    layer = DendriticLinear(nn.Linear(3, 4))
+    layer.add_candidates(3, 1.0, torch.Generator().manual_seed(0))
+    w, b = layer.candidate_weight.detach().clone(), layer.candidate_bias.detach().clone()
+    scores = torch.tensor([[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.8, 0.2], [0.4, 0.2, 0.1, 0.7]])
+    assert layer.install_best(scores).tolist() == [1, 0, 1, 2]
+    assert torch.equal(layer.dendrite_weight[0], torch.stack([w[1, 0], w[0, 1], w[1, 2], w[2, 3]]))
+    assert torch.equal(layer.dendrite_bias[0], torch.stack([b[1, 0], b[0, 1], b[1, 2], b[2, 3]]))
+    assert torch.equal(layer.dendrite_out, torch.zeros(1, 4))
+
+
 def test_repr_names_sets_candidates_rank_activation_and_phase():
     model = _perforated(nn.Linear(3, 2))
     layer = model[0]
