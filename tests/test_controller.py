@@ -187,14 +187,25 @@ def test_state_dict_round_trip_gives_identical_decisions():
     assert all(torch.equal(v, fresh_model.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), torch.tensor([1.0, 2.0]), "high"])
-def test_bad_scores_raise_and_change_nothing(bad):
+NON_FINITE = ("step() got a non-finite validation score ({}); check the loss for divergence (learning rate, NaN "
+              "inputs) before continuing")
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (float("nan"), ValueError, NON_FINITE.format("nan")),
+    (float("inf"), ValueError, NON_FINITE.format("inf")),
+    (-float("inf"), ValueError, NON_FINITE.format("-inf")),
+    (torch.tensor([1.0, 2.0]), ValueError, "step() needs one scalar score, got a tensor of shape (2,)"),
+    ("high", TypeError, "step() needs a number, got str"),
+], ids=["nan", "inf", "-inf", "two-values", "text"])
+def test_bad_scores_raise_and_change_nothing(bad, error, message):
     model, ctl = _setup("pb")
     _run(model, ctl, [1, 2])
     _epoch(model, ctl)
     before = copy.deepcopy(ctl.state_dict())
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(error) as err:
         ctl.step(bad)
+    assert str(err.value) == message
     after = ctl.state_dict()
     assert after["counters"] == before["counters"] and after["history"] == before["history"]
     ctl.step(3.0)  # still usable
@@ -230,7 +241,21 @@ def test_restructures_are_logged_and_routine_improvements_are_not(caplog):
     quiet = {"improved", "correlation_improved"}
     expected = [e for ev in events for e in ev.split(",") if e and e not in quiet]
     assert "improved" in events[1].split(",") and expected  # the script has both kinds
+    assert logged == ["epoch 3: plateau (dendrites=0, score=2)", "epoch 3: dendrite_phase (dendrites=0, score=2)",
+                      "epoch 4: installed (dendrites=1, score=2)"]
     assert [m.split(": ", 1)[1].split(" (")[0] for m in logged] == expected
+
+
+def test_each_step_reports_its_epoch_score_and_the_best_score():
+    model, ctl = _setup("pb", patience=2, min_dendrite_epochs=1, max_dendrite_epochs=1)
+    got = []
+    for score in (1.0, 3.0, 2.0, 2.0, 2.5):
+        _epoch(model, ctl)
+        s = ctl.step(score)
+        got.append((s.epoch, s.score, s.best_score, s.dendrites, s.event))
+    # the best of the current architecture; None once it changes (candidates added at 4, a set installed at 5)
+    assert got == [(1, 1.0, 1.0, 0, "improved"), (2, 3.0, 3.0, 0, "improved"), (3, 2.0, 3.0, 0, ""),
+                   (4, 2.0, None, 0, "plateau,dendrite_phase"), (5, 2.5, None, 1, "correlation_improved,installed")]
 def test_dendrite_phase_without_backward_is_refused():
     model, ctl = _setup("pb")
     _run(model, ctl, [1, 1, 1])
