@@ -1,5 +1,6 @@
 import copy
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -686,3 +687,101 @@ def test_apply_structure_leaves_v_trainable_exactly_when_a_set_exists(sets):
     for _, layer in apical.dendritic_layers(model):
         assert layer.num_dendrites == sets
         assert layer.dendrite_out.requires_grad is (sets > 0)
+
+
+class _SecondRank:
+    """Stands in for torch.distributed at step(): records this rank's row and answers with rank 1's,
+    made from it by ``edit`` (rank 0 is this process)."""
+
+    def __init__(self, edit):
+        self.rows, self.edit = [], edit
+
+    def all_gather(self, vec):
+        mine = vec.tolist()
+        self.rows.append(mine)
+        return torch.tensor([mine, self.edit(list(mine))], dtype=torch.float64)
+
+
+def _step_on_two_ranks(monkeypatch, ctl, score, edit=lambda row: row):
+    from apical.dendrites import controller as controller_module
+
+    rank1 = _SecondRank(edit)
+    with monkeypatch.context() as m:  # only around step(): the epoch's own reductions stay single-process
+        m.setattr(controller_module._dist, "world_size", lambda: 2)
+        m.setattr(controller_module._dist, "all_gather", rank1.all_gather)
+        try:
+            return ctl.step(score), rank1.rows
+        except Exception as err:
+            err.rows = rank1.rows
+            raise
+
+
+def _dendrite_phase_epoch(monkeypatch):
+    model, ctl = _setup("pb", patience=1, max_dendrite_epochs=3)
+    _run(model, ctl, [1.0, 1.0])  # a plateau at epoch 2: the dendrite phase starts
+    assert ctl.phase == "dendrite"
+    _epoch(model, ctl)  # 16 observations for each of the two layers
+    return model, ctl
+
+
+def test_two_ranks_take_the_mean_score_and_share_the_cycle_state(monkeypatch):
+    model, ctl = _setup("pb")
+    _epoch(model, ctl)
+    step, rows = _step_on_two_ranks(monkeypatch, ctl, 1.0, lambda row: [3.0, *row[1:]])
+    assert rows == [[1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]  # score, epoch, dendrites, dendrite phase, n, checksum
+    assert step.score == 2.0 and ctl.history[-1]["score"] == 2.0 and step.best_score == 2.0
+
+    model, ctl = _dendrite_phase_epoch(monkeypatch)
+    stats = [layer.stats for _, layer in ctl.layers]
+    checksum = math.fsum(s.n + sum(float(getattr(s, f).sum()) for f in ("s_a", "s_d", "s_ad", "s_aa", "s_dd"))
+                         for s in stats)
+    step, rows = _step_on_two_ranks(monkeypatch, ctl, 0.5, lambda row: [1.5, *row[1:]])
+    assert rows[0][:5] == [0.5, 2.0, 0.0, 1.0, 32.0]
+    assert rows[0][5] == pytest.approx(checksum, rel=1e-12) and abs(checksum) > 1
+    assert step.score == 1.0
+
+
+@pytest.mark.parametrize("field", [1, 2, 3, 4], ids=["epoch", "dendrites", "phase", "observations"])
+def test_a_rank_that_disagrees_on_the_cycle_state_stops_step(monkeypatch, field):
+    model, ctl = _dendrite_phase_epoch(monkeypatch)
+
+    def edit(row):
+        row[field] += 1
+        return row
+
+    with pytest.raises(RuntimeError) as err:
+        _step_on_two_ranks(monkeypatch, ctl, 0.5, edit)
+    mine = err.value.rows[0]
+    theirs = edit(list(mine))
+    assert str(err.value) == (
+        f"apical: rank 1 disagrees with rank 0 at step() (epoch, dendrites, dendrite phase, observations, statistics "
+        f"checksum: {theirs[1:]} vs {mine[1:]}); every rank must train the same number of batches per epoch and "
+        "call step() once per epoch")
+    assert ctl.epoch == 2 and len(ctl.history) == 2
+
+
+def test_the_statistics_checksum_tolerates_rounding_only(monkeypatch):
+    model, ctl = _dendrite_phase_epoch(monkeypatch)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        _step_on_two_ranks(monkeypatch, ctl, 0.5, lambda row: [*row[:5], row[5] * (1 + 3e-9)])
+    model, ctl = _dendrite_phase_epoch(monkeypatch)
+    step, _ = _step_on_two_ranks(monkeypatch, ctl, 0.5, lambda row: [*row[:5], row[5] * (1 + 3e-10)])
+    assert step.epoch == 3
+    # in the neuron phase the checksum is 0: the tolerance is absolute there
+    model, ctl = _setup("pb")
+    _epoch(model, ctl)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        _step_on_two_ranks(monkeypatch, ctl, 1.0, lambda row: [*row[:5], 3e-9])
+    _epoch(model, ctl)
+    _step_on_two_ranks(monkeypatch, ctl, 1.0, lambda row: [*row[:5], 3e-10])
+
+
+def test_a_bad_score_on_one_rank_still_joins_the_gather_then_raises(monkeypatch):
+    model, ctl = _setup("pb")
+    _epoch(model, ctl)
+    with pytest.raises(ValueError, match="non-finite validation score") as err:
+        _step_on_two_ranks(monkeypatch, ctl, float("nan"))
+    assert len(err.value.rows) == 1 and math.isnan(err.value.rows[0][0])  # the other rank did not hang
+    with pytest.raises(TypeError, match="needs a number, got str") as err:
+        _step_on_two_ranks(monkeypatch, ctl, "high")
+    assert len(err.value.rows) == 1 and ctl.epoch == 0
