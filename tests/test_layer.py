@@ -254,6 +254,80 @@ def _conv_net_pass(device):
     return res
 
 
+class _SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, add_zero_attn=True, batch_first=True)  # a zero key/value made inside
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+class _PackedBiGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(8, 4, num_layers=2, batch_first=True, bidirectional=True)  # flips within each length
+
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2]), batch_first=True)
+        return self.gru(packed)[0].data  # (torch's pad_packed_sequence reads values: not on meta)
+
+
+class _LSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 4)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+META_CASES = {
+    "linear": lambda: nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)),
+    "conv": lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 2, 1)),
+    "attention": _SelfAttention,
+    "packed-bigru": _PackedBiGRU,
+    "lstm": _LSTM,
+}
+
+
+@pytest.mark.parametrize("rank", [None, 2], ids=["full", "rank2"])
+@pytest.mark.parametrize("kind", META_CASES)
+def test_every_tensor_made_in_a_pass_follows_the_inputs_device(kind, rank):
+    """The CUDA path without a GPU: on the meta device, which like CUDA refuses to mix with CPU tensors, both
+    phases' forward and backward and the eval forward run, so every tensor apical creates inside a pass (zero
+    attention keys, time masks and flips, index ranges) is made on the input's device."""
+    torch.manual_seed(0)
+    model = META_CASES[kind]()
+    apical.perforate(model, apical.DendriteConfig(dendrite_rank=rank))
+    layers = [layer for _, layer in apical.dendritic_layers(model)]
+    for layer in layers:
+        layer.install_random(1.0)
+        layer.install_random(1.0)
+        layer.add_candidates(2, 1.0)
+        layer.set_training_mode("dendrite", True)
+    model.to("meta").train()
+    x = torch.randn(3, 2, 8, device="meta") if kind == "lstm" else torch.randn(2, 3, 8, device="meta")
+    model(x).sum().backward()
+    assert all(layer.candidate_weight.grad.device.type == "meta" for layer in layers)
+    for layer in layers:
+        layer.drop_candidates()
+        layer.set_training_mode("neuron", True)
+    model(x).sum().backward()
+    assert all(layer.dendrite_out.grad.device.type == "meta" for layer in layers)
+    model.eval()
+    with torch.no_grad():
+        assert model(x).device.type == "meta"
+
+
+def test_install_best_chooses_on_the_layers_device_from_scores_kept_elsewhere():
+    layer = DendriticLinear(nn.Linear(3, 4))
+    layer.add_candidates(2, 1.0)
+    layer.to("meta")
+    best = layer.install_best(torch.rand(2, 4))  # scores on the CPU
+    assert best.device.type == "meta" and best.shape == (4,) and layer.dendrite_weight.device.type == "meta"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_forward_backward():
     """Forward, gradients (both phases) and correlation statistics on CUDA equal the CPU's."""
