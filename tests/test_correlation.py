@@ -413,3 +413,19 @@ def test_two_ranks_accumulate_low_and_high_precision_exactly(dtype, rtol, monkey
     np.testing.assert_allclose(m["var_a"].numpy(), a.var(0), rtol=100 * rtol)
     cov = ((a - a.mean(0)) * (d - d.mean(0))[:, None]).mean(0)
     np.testing.assert_allclose(m["cov"].numpy(), cov, rtol=100 * rtol, atol=100 * rtol * np.abs(cov).max())
+
+
+def test_the_global_accumulation_builds_its_buffer_on_the_outputs_device(monkeypatch):
+    """On the meta device (like CUDA, it refuses CPU tensors in one cat), the count and sums of a
+    distributed step travel in one buffer made on the outputs' device."""
+    from apical.dendrites import _dist
+
+    layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]
+    sent = []
+    # the reduction itself: one rank, its result read back on the CPU (meta tensors hold no values)
+    monkeypatch.setattr(_dist, "all_reduce_sum",
+                        lambda buf: sent.append(buf) or torch.ones(buf.shape, dtype=buf.dtype))
+    stats = apical.dendrites.correlation.CorrelationStats(5, 3)
+    stats.accumulate_global(torch.rand(8, 5, 3, device="meta"), torch.randn(8, 3, device="meta"), layer)
+    assert [(b.device.type, b.dtype, b.numel()) for b in sent] == [("meta", torch.float64, 1 + 15 + 3 + 15 + 3 + 15)]
+    # (the count, then the sums of a, d, a^2, d^2 and a*d: [C, O], [O], [C, O], [O], [C, O])
