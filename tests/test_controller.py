@@ -283,13 +283,17 @@ def test_batchnorm_statistics_frozen_in_dendrite_phase():
     cfg = DendriteConfig(patience=1, max_dendrite_epochs=1, min_dendrite_epochs=1)
     apical.perforate(model, cfg)
     ctl = Controller(model, cfg)
+    assert model[1].momentum == 0.1
+    mean = model[1].running_mean.clone()
     _run(model, ctl, [1, 1])
-    assert ctl.phase == "dendrite"
+    assert ctl.phase == "dendrite" and not torch.equal(mean, model[1].running_mean)  # the neuron phase updates
     mean = model[1].running_mean.clone()
     _epoch(model, ctl)
-    assert torch.equal(mean, model[1].running_mean)
+    assert torch.equal(mean, model[1].running_mean) and model[1].momentum == 0.0
     ctl.step(1.0)
     assert ctl.phase == "neuron" and model[1].momentum == 0.1
+    _epoch(model, ctl)
+    assert not torch.equal(mean, model[1].running_mean)
 
 
 def test_finish_mid_dendrite_phase_keeps_the_best():
@@ -789,3 +793,44 @@ def test_a_bad_score_on_one_rank_still_joins_the_gather_then_raises(monkeypatch)
     with pytest.raises(TypeError, match="needs a number, got str") as err:
         _step_on_two_ranks(monkeypatch, ctl, "high")
     assert len(err.value.rows) == 1 and ctl.epoch == 0
+
+
+def test_a_controller_is_refused_a_model_that_does_not_match_its_config():
+    plain = nn.Sequential(nn.Linear(3, 2))
+    for mode in ("pb", "gd"):
+        with pytest.raises(ValueError) as err:
+            Controller(plain, DendriteConfig(mode=mode))
+        assert str(err.value) == (f'mode "{mode}" needs dendritic layers: call apical.perforate(model, config) '
+                                  "before creating the Controller")
+    Controller(plain, DendriteConfig(mode="none"))  # plain early stopping needs none
+    wide = nn.Sequential(*(nn.Linear(3, 3) for _ in range(5)))
+    apical.perforate(wide, DendriteConfig(activation="tanh", dendrite_rank=2))
+    with pytest.raises(ValueError) as err:
+        Controller(wide, DendriteConfig(dendrite_rank=2))
+    assert str(err.value) == ("layers ['0', '1', '2'] were perforated with another activation than the config's "
+                              "'sigmoid': use the same DendriteConfig for perforate and Controller")
+    with pytest.raises(ValueError) as err:
+        Controller(wide, DendriteConfig(activation="tanh"))
+    assert str(err.value) == ("layers ['0', '1', '2'] were perforated with another dendrite_rank than the config's "
+                              "None: use the same DendriteConfig for perforate and Controller")
+
+
+def test_without_a_seed_the_candidate_draws_come_from_torchs_global_generator():
+    model, _ = _setup("pb")
+    cfg = DendriteConfig(seed=None)
+    torch.manual_seed(5)
+    reference = int(torch.randint(2**62, ()))  # the draw a seedless controller makes
+    torch.manual_seed(5)
+    ctl = Controller(model, cfg)
+    assert ctl._generator.initial_seed() == reference
+    torch.manual_seed(5)
+    assert Controller(model, cfg)._generator.initial_seed() == reference  # reproducible under torch.manual_seed
+
+
+def test_a_parameter_added_after_the_controller_follows_the_phases_like_the_base():
+    model, ctl = _setup("pb", patience=1, max_dendrite_epochs=1)
+    model.add_module("extra", nn.Linear(2, 2))  # unseen by the controller: trains with the base network
+    _run(model, ctl, [1.0, 1.0])
+    assert ctl.phase == "dendrite" and not model.extra.weight.requires_grad
+    _run(model, ctl, [1.0])
+    assert ctl.phase == "neuron" and model.extra.weight.requires_grad
