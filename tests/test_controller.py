@@ -834,3 +834,12 @@ def test_a_parameter_added_after_the_controller_follows_the_phases_like_the_base
     assert ctl.phase == "dendrite" and not model.extra.weight.requires_grad
     _run(model, ctl, [1.0])
     assert ctl.phase == "neuron" and model.extra.weight.requires_grad
+
+
+def test_a_first_set_that_is_reverted_gets_its_retries():
+    model, ctl = _setup("pb")  # max_tries=2
+    steps, _ = _run(model, ctl, [1, 2, 2, 2, 0, 0, 1.5, 1.5, 1.5])
+    assert steps[5].event == "installed"
+    assert steps[8].event == "plateau,reverted,dendrite_phase" and not steps[8].done and ctl.tries == 1
+    steps, _ = _run(model, ctl, [0, 0, 1.5, 1.5, 1.5])  # the retry is reverted too: tries run out
+    assert steps[-1].event == "plateau,reverted,done" and steps[-1].done and ctl.dendrites == 0

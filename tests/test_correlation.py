@@ -429,3 +429,25 @@ def test_the_global_accumulation_builds_its_buffer_on_the_outputs_device(monkeyp
     stats.accumulate_global(torch.rand(8, 5, 3, device="meta"), torch.randn(8, 3, device="meta"), layer)
     assert [(b.device.type, b.dtype, b.numel()) for b in sent] == [("meta", torch.float64, 1 + 15 + 3 + 15 + 3 + 15)]
     # (the count, then the sums of a, d, a^2, d^2 and a*d: [C, O], [O], [C, O], [O], [C, O])
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_statistics_and_gradient_are_worked_in_float32(half):
+    """Half-precision outputs and errors are summed and differentiated in float32: the same numbers as the
+    float32 path on the same (half-precision) values, and the gradient comes back in half precision."""
+    from apical.dendrites.correlation import CorrelationStats
+
+    layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]  # for its layout ([N, C, O], [N, O])
+    g = torch.Generator().manual_seed(3)
+    a = (torch.rand(64, 5, 3, generator=g) * 0.5 + 0.25).to(half)
+    d = (torch.randn(64, 3, generator=g) * 1e-3 + 0.01).to(half)  # an offset: centring in half would lose it
+    low, ref = CorrelationStats(5, 3), CorrelationStats(5, 3)
+    low.accumulate(a, d, layer)
+    ref.accumulate(a.float(), d.float(), layer)
+    for k, v in ref.moments().items():
+        torch.testing.assert_close(low.moments()[k], v, rtol=1e-6, atol=0, msg=k)
+    for normaliser in ("error", "pearson"):
+        layer.normaliser = normaliser
+        got = low.gradient(a, d, layer)
+        assert got.dtype == half and got.shape == a.shape
+        torch.testing.assert_close(got, ref.gradient(a.float(), d.float(), layer).to(half), rtol=0, atol=0)

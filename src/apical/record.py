@@ -201,7 +201,7 @@ class RunRecord:
     ``Controller.step`` and :meth:`on_finish` from ``Controller.finish``.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], controller: Any) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.run_dir = Path(os.fspath(run_dir))
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run_dir {str(self.run_dir)!r} exists and is not a directory")

@@ -114,7 +114,7 @@ class Controller:
         if run_dir is not None:  # opt-in run record: history.csv and summary.json, nothing else
             from apical.record import RunRecord
 
-            self._record = RunRecord(run_dir, self)
+            self._record = RunRecord(run_dir)
 
     # ------------------------------------------------------------------ public API
     def parameters(self):
