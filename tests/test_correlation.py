@@ -103,12 +103,14 @@ def test_epoch_statistics_match_numpy(make, shape):
             method()
 
 
+@pytest.mark.parametrize("scale", [10.0, 2.0, 1.0], ids=["default-scale", "scale2", "scale1"])
 @pytest.mark.parametrize("normaliser", ["error", "pearson"])
-def test_candidate_gradient_is_the_objective_gradient(normaliser):
+def test_candidate_gradient_is_the_objective_gradient(normaliser, scale):
     """On a single batch (epoch == batch), the gradient the tap hands the candidates equals
-    autograd of the explicit objective -sum |cov| / normaliser."""
+    autograd of the explicit objective -sum |cov| / normaliser, whatever the candidates' lr scale."""
     torch.manual_seed(4)
     model, layer = _setup(nn.Linear(6, 5))
+    layer.candidate_scale = scale  # (the stored values are read as scale times bigger from here on)
     layer.normaliser = normaliser
     x = torch.randn(32, 6)
     target = torch.randn(32, 2)
@@ -122,7 +124,7 @@ def test_candidate_gradient_is_the_objective_gradient(normaliser):
     # scale too, so the stored weight's gradient equals the objective's gradient in the
     # effective weight.
     cw, cb, cu = (t.detach() for t in layer.candidate_tensors())
-    assert layer.candidate_scale == 10.0 and torch.allclose(cw, layer.candidate_weight * 10)
+    assert torch.allclose(cw, layer.candidate_weight * scale)
     w = cw.clone().requires_grad_(True)
     with torch.no_grad():
         a_inst = torch.sigmoid(layer._stack_forward(x, layer.dendrite_weight, layer.dendrite_bias))[..., 0, :]
@@ -153,8 +155,10 @@ def test_eval_forward_does_not_touch_statistics():
     with torch.no_grad():
         model(torch.randn(4, 6))
     assert layer.stats.empty
-    with pytest.raises(RuntimeError, match="no correlation statistics"):
+    with pytest.raises(RuntimeError) as err:
         layer.candidate_scores()
+    assert str(err.value) == ("no correlation statistics were gathered: train at least one batch in the dendrite "
+                              "phase (model.train(), loss.backward()) before calling step()")
 
 
 def _mlp(widths):
@@ -378,6 +382,13 @@ def test_signs_of_positive_negative_and_zero_covariance():
     stats.s_dd = torch.full((3,), 8.0, dtype=torch.float64)
     assert stats.moments()["cov"].tolist() == [[2.0, -3.0, 0.0]]
     assert stats.signs().tolist() == [[1.0, -1.0, 1.0]] and stats.signs().dtype == torch.float64
+    # the candidates' gradient climbs |cov| with the same signs, zero included: -sign (d - mean d) / (n sd_d)
+    layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]
+    layer.normaliser, layer.centring = "error", "batch"
+    d = torch.tensor([[1.0, 2.0, 3.0], [3.0, 0.0, -1.0], [2.0, 4.0, 1.0]], dtype=torch.float64)
+    a = torch.full((3, 1, 3), 0.5, dtype=torch.float64)
+    want = -torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64) * (d - d.mean(0)) / (3 * 3 ** 0.5)  # var_d = 4 - 1
+    torch.testing.assert_close(stats.gradient(a, d, layer), want[:, None, :], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 1e-6), (torch.float64, 1e-12)])

@@ -185,12 +185,14 @@ def test_linear_forward_with_several_low_rank_sets_against_numpy(rank, shape):
     np.testing.assert_allclose(model(x).detach().numpy(), z, rtol=1e-10, atol=1e-12)
 
 
-def test_conv_candidates_read_their_own_groups_features_against_numpy():
+@pytest.mark.parametrize("scale", [10.0, 2.0], ids=["default-scale", "scale2"])
+def test_conv_candidates_read_their_own_groups_features_against_numpy(scale):
     torch.manual_seed(2)
     g, cin, o, k, r, c = 2, 4, 6, 3, 2, 3
     model = nn.Sequential(nn.Conv2d(cin, o, k, groups=g, bias=False)).double()
-    apical.perforate(model, apical.DendriteConfig(dendrite_rank=r))
+    apical.perforate(model, apical.DendriteConfig(dendrite_rank=r, candidate_lr_scale=scale))
     layer = model[0]
+    assert layer.candidate_scale == scale
     layer.add_candidates(c, 3.0)
     layer.set_training_mode("dendrite", perforated=True)
     x = torch.randn(3, cin, 6, 6, dtype=torch.float64)
