@@ -379,6 +379,39 @@ def test_sets_and_candidates_keep_the_layers_dtype(dtype, rank):
     check(3, 2)
 
 
+def test_the_lr_scale_changes_how_candidates_learn_not_where_they_start():
+    """Candidates are stored divided by the lr scale: the same draws give the same effective candidates
+    (weights, biases, cascade and low-rank projection) whatever the scale."""
+    effective = []
+    for scale in (1.0, 2.0, 10.0):
+        model = nn.Sequential(nn.Linear(5, 4))
+        apical.perforate(model, apical.DendriteConfig(dendrite_rank=2, candidate_lr_scale=scale))
+        layer = model[0]
+        layer.install_random(1.0, torch.Generator().manual_seed(0))
+        layer.add_candidates(3, 1.0, torch.Generator().manual_seed(1))
+        assert layer.candidate_scale == scale
+        effective.append([t.detach() for t in (*layer.candidate_tensors(), layer.candidate_projection())])
+    for one, *others in zip(*effective, strict=True):
+        for other in others:
+            torch.testing.assert_close(other, one, rtol=1e-6, atol=0)
+
+
+def test_candidates_get_their_own_optimiser_group_and_a_cascade_only_when_it_has_inputs():
+    from apical.training import _optimizer_factory
+
+    layer = DendriticLinear(nn.Linear(3, 1))
+    layer.add_candidates(1, 1.0)  # no installed set: the cascade [C, 0, O] has no entries
+    assert layer.candidate_cascade.numel() == 0 and not layer.candidate_cascade.requires_grad
+    layer.drop_candidates()
+    layer.install_random(1.0)
+    layer.add_candidates(1, 1.0)  # one set, one candidate, one neuron: a single cascade weight trains
+    assert layer.candidate_cascade.numel() == 1 and layer.candidate_cascade.requires_grad
+    opt = _optimizer_factory("adam", 1e-3, 0.0, candidate_lr=0.5)(layer.parameters())
+    groups = [({id(p) for p in g["params"]}, g["lr"]) for g in opt.param_groups]
+    candidates = {id(p) for p in layer.candidate_parameters()}
+    assert groups == [({id(p) for p in layer.parameters()} - candidates, 1e-3), (candidates, 0.5)]
+
+
 def test_install_best_with_the_users_own_scores_needs_no_statistics():
     """Scores from elsewhere (no batch seen): each neuron gets the argmax candidate's row, and v starts at 0."""
     layer = DendriticLinear(nn.Linear(3, 4))
