@@ -154,6 +154,10 @@ def test_eval_forward_does_not_touch_statistics():
     model.eval()
     with torch.no_grad():
         model(torch.randn(4, 6))
+    model(torch.randn(4, 6)).sum().backward()  # eval with gradients: no candidate statistics either
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 6))  # nor a training-mode pass without gradients
     assert layer.stats.empty
     with pytest.raises(RuntimeError) as err:
         layer.candidate_scores()

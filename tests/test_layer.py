@@ -412,6 +412,44 @@ def test_candidates_get_their_own_optimiser_group_and_a_cascade_only_when_it_has
     assert groups == [({id(p) for p in layer.parameters()} - candidates, 1e-3), (candidates, 0.5)]
 
 
+@pytest.mark.parametrize("fan_in", [1, 16])
+def test_random_sets_have_the_documented_scales_and_use_only_the_given_generator(fan_in):
+    """A full set: weights and biases ~ N(0, (scale / sqrt(fan_in))^2); a rank-r set: Q ~ N(0, scale / r),
+    P ~ N(0, scale / fan_in), so that its pre-activation has a full set's variance. The draws come from the
+    generator passed, never from torch's global one."""
+    scale, o = 1.5, 4000
+    full = DendriticLinear(nn.Linear(fan_in, o))
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    full.install_random(scale, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.rand(3), before)  # the global generator was not touched
+    std = scale / fan_in ** 0.5
+    assert abs(full.dendrite_weight.std().item() / std - 1) < 0.05
+    assert abs(full.dendrite_bias.std().item() / std - 1) < 0.05
+    low = apical.perforate(nn.Sequential(nn.Linear(fan_in, 200)), apical.DendriteConfig(dendrite_rank=2))[0]
+    torch.manual_seed(0)
+    q, b, p = low._random_sets(400, scale, torch.Generator().manual_seed(1))  # 400 sets: enough draws of P
+    assert torch.equal(torch.rand(3), before)
+    assert abs(q.std().item() / (scale / 2) ** 0.5 - 1) < 0.05  # Q: [K, O, r]
+    assert abs(p.std().item() / (scale / fan_in) ** 0.5 - 1) < 0.05  # P: [K, r, fan_in]
+    assert abs(b.std().item() / std - 1) < 0.05
+    # hence a pre-activation variance of about a full set's: r * (scale / r) * fan_in * (scale / fan_in) = scale^2
+    x = torch.randn(4000, fan_in)
+    with torch.no_grad():
+        var_full = (x @ full.dendrite_weight[0].T).var().item()
+        var_low = torch.einsum("nf,krf,kor->nko", x[:200], p, q).var().item()
+    assert abs(var_full / scale**2 - 1) < 0.1 and abs(var_low / scale**2 - 1) < 0.25  # (a heavy-tailed product)
+
+
+def test_a_set_of_the_wrong_kind_is_refused_by_message():
+    layer = DendriticLinear(nn.Linear(3, 2))
+    with pytest.raises(ValueError) as err:
+        layer._append_set(torch.zeros(2, 3), torch.zeros(2), torch.zeros(0, 2), torch.zeros(2), torch.zeros(1, 3))
+    assert str(err.value) == "a low-rank layer's set needs its projection, and a full set none"
+    assert layer.num_dendrites == 0
+
+
 def test_install_best_with_the_users_own_scores_needs_no_statistics():
     """Scores from elsewhere (no batch seen): each neuron gets the argmax candidate's row, and v starts at 0."""
     layer = DendriticLinear(nn.Linear(3, 4))

@@ -59,7 +59,6 @@ class DendriticLayer(nn.Module):
         self.normaliser = "error"
         self.centring = "batch"
         self.candidate_scale = 1.0  # candidates are stored divided by this: a learning-rate multiplier
-        self.train_forwards = 0  # training forward passes since the controller last looked
         factory = {"device": weight.device, "dtype": weight.dtype}
         o = self.out_channels
         self.dendrite_weight = nn.Parameter(torch.empty(0, o, *self.weight_tail, **factory), False)
@@ -406,8 +405,6 @@ class DendriticLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.base(x)
         training = self.training and torch.is_grad_enabled()
-        if training:
-            self.train_forwards += 1
         d, c = self.num_dendrites, self.num_candidates
         if d == 0 and c == 0:
             return z
