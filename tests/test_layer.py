@@ -473,3 +473,14 @@ def test_repr_names_sets_candidates_rank_activation_and_phase():
     apical.perforate(low, apical.DendriteConfig(dendrite_rank=2, activation="tanh"))
     low[0].set_training_mode("neuron", perforated=False)
     assert "DendriticLinear(\n    dendrites=0, candidates=0, rank=2, activation=tanh, perforated=False\n" in repr(low)
+
+
+def test_the_registry_protocol_of_a_dendritic_layer_class():
+    """unsupported() names why a module cannot be wrapped; wrap() gives sigmoid dendrites by default."""
+    assert DendriticLinear.unsupported(nn.ReLU()) == "it has no weight tensor"
+    assert DendriticLinear.unsupported(nn.LazyLinear(3)) == (
+        "it is a lazy layer that has not been initialised yet: run one forward pass through the model first")
+    assert DendriticLinear.unsupported(nn.Linear(3, 2)) is None
+    wrapped = DendriticLinear.wrap(nn.Linear(3, 2))
+    assert isinstance(wrapped, DendriticLinear) and wrapped.activation == "sigmoid"
+    assert DendriticLinear.wrap(nn.Linear(3, 2), activation="tanh").activation == "tanh"
