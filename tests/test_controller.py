@@ -724,7 +724,7 @@ def _step_on_two_ranks(monkeypatch, ctl, score, edit=lambda row: row):
             raise
 
 
-def _dendrite_phase_epoch(monkeypatch):
+def _dendrite_phase_epoch():
     model, ctl = _setup("pb", patience=1, max_dendrite_epochs=3)
     _run(model, ctl, [1.0, 1.0])  # a plateau at epoch 2: the dendrite phase starts
     assert ctl.phase == "dendrite"
@@ -739,7 +739,7 @@ def test_two_ranks_take_the_mean_score_and_share_the_cycle_state(monkeypatch):
     assert rows == [[1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]  # score, epoch, dendrites, dendrite phase, n, checksum
     assert step.score == 2.0 and ctl.history[-1]["score"] == 2.0 and step.best_score == 2.0
 
-    model, ctl = _dendrite_phase_epoch(monkeypatch)
+    model, ctl = _dendrite_phase_epoch()
     stats = [layer.stats for _, layer in ctl.layers]
     checksum = math.fsum(s.n + sum(float(getattr(s, f).sum()) for f in ("s_a", "s_d", "s_ad", "s_aa", "s_dd"))
                          for s in stats)
@@ -751,7 +751,7 @@ def test_two_ranks_take_the_mean_score_and_share_the_cycle_state(monkeypatch):
 
 @pytest.mark.parametrize("field", [1, 2, 3, 4], ids=["epoch", "dendrites", "phase", "observations"])
 def test_a_rank_that_disagrees_on_the_cycle_state_stops_step(monkeypatch, field):
-    model, ctl = _dendrite_phase_epoch(monkeypatch)
+    model, ctl = _dendrite_phase_epoch()
 
     def edit(row):
         row[field] += 1
@@ -769,10 +769,10 @@ def test_a_rank_that_disagrees_on_the_cycle_state_stops_step(monkeypatch, field)
 
 
 def test_the_statistics_checksum_tolerates_rounding_only(monkeypatch):
-    model, ctl = _dendrite_phase_epoch(monkeypatch)
+    model, ctl = _dendrite_phase_epoch()
     with pytest.raises(RuntimeError, match="disagrees"):
         _step_on_two_ranks(monkeypatch, ctl, 0.5, lambda row: [*row[:5], row[5] * (1 + 3e-9)])
-    model, ctl = _dendrite_phase_epoch(monkeypatch)
+    model, ctl = _dendrite_phase_epoch()
     step, _ = _step_on_two_ranks(monkeypatch, ctl, 0.5, lambda row: [*row[:5], row[5] * (1 + 3e-10)])
     assert step.epoch == 3
     # in the neuron phase the checksum is 0: the tolerance is absolute there
