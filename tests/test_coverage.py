@@ -109,3 +109,8 @@ def test_table_and_text_against_a_hand_written_report():
 def test_the_table_keeps_the_blank_name_of_a_root_that_holds_parameters():
     rows = apical.coverage(nn.Linear(2, 2)).table().splitlines()
     assert rows[1].startswith("  " + " " * len("name")) and rows[1].split()[0] == "Linear"
+
+
+def test_an_opaque_module_at_the_root_names_its_children_without_a_prefix():
+    rows = {e.name: e.reason for e in apical.coverage(nn.MultiheadAttention(8, 2))}
+    assert rows["out_proj"] == "inside MultiheadAttention, which reads its weights directly"
