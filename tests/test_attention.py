@@ -209,6 +209,53 @@ def test_transformer_encoder_keeps_its_function_and_turns_off_the_fused_path():
         torch.testing.assert_close(enc(x), ref(x), rtol=0, atol=1e-6)
 
 
+def test_perforating_an_exported_model_turns_off_the_fused_path_of_an_encoder_after_one_already_off():
+    """An exported model keeps the encoders it perforated with their fused paths off (and remembers the
+    flags). Perforating it again skips those and still turns off the next encoder's fused path; unwrap
+    gives every encoder back its own flags."""
+    torch.manual_seed(0)
+    encoders = [nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True), 1,
+                                      enable_nested_tensor=True) for _ in range(2)]
+    model = nn.Sequential(*encoders).eval()
+    apical.perforate(model, apical.DendriteConfig(include=["0.*"]))
+    exported = apical.export(model)
+    assert exported[0].layers[0].activation_relu_or_gelu == 0 and not exported[0].use_nested_tensor
+    assert exported[1].layers[0].activation_relu_or_gelu == 1 and exported[1].use_nested_tensor
+    apical.perforate(exported, apical.DendriteConfig(include=["1.*"]))
+    assert exported[1].layers[0].activation_relu_or_gelu == 0 and not exported[1].use_nested_tensor
+    x = torch.randn(2, 5, E)
+    with torch.no_grad():
+        before = exported(x)
+        for _, lay in apical.dendritic_layers(exported):
+            lay.install_random(1.0)
+            lay.dendrite_out.normal_()
+        assert (exported(x) - before).abs().max() > 1e-3  # the second encoder's dendrites are used
+    apical.unwrap(exported, force=True)
+    for enc in exported:
+        assert enc.layers[0].activation_relu_or_gelu == 1 and enc.use_nested_tensor is True
+
+
+def test_only_torchs_encoder_classes_have_their_fast_path_flags_changed():
+    """A user's module that happens to have a ``use_nested_tensor`` attribute is not torch's encoder:
+    perforating the layers inside it leaves the attribute alone."""
+
+    class MyBlock(nn.Module):
+        use_nested_tensor = True
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = nn.Sequential(MyBlock())
+    apical.perforate(model)
+    assert model[0].use_nested_tensor is True and "use_nested_tensor" not in model[0].__dict__
+    apical.unwrap(model)
+    assert model[0].use_nested_tensor is True and "use_nested_tensor" not in model[0].__dict__
+
+
 def test_a_subclass_of_multihead_attention_is_left_alone_and_reported():
     class MyAttention(nn.MultiheadAttention):
         pass

@@ -466,3 +466,58 @@ def test_half_precision_statistics_and_gradient_are_worked_in_float32(half):
         got = low.gradient(a, d, layer)
         assert got.dtype == half and got.shape == a.shape
         torch.testing.assert_close(got, ref.gradient(a.float(), d.float(), layer).to(half), rtol=0, atol=0)
+
+
+class _LargeResultDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtype of every torch result with at least ``size`` elements."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.seen = size, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() >= self.size:
+            self.seen.add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("normaliser", ["error", "pearson"])
+@pytest.mark.parametrize("centring", ["batch", "epoch"])
+@pytest.mark.parametrize("global_batch", [False, True], ids=["local", "global"])
+@pytest.mark.parametrize("dtype, work", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16"])
+def test_the_gradient_works_per_element_in_the_outputs_precision(normaliser, centring, global_batch, dtype, work):
+    """The statistics are float64, but the per-element work of the candidates' gradient (activation-sized
+    tensors) stays in the outputs' precision (float32 for half): float64 there would double its memory and
+    time on the hot path. Values: the float64 formula on the same inputs, to float32 accuracy."""
+    from apical.dendrites.correlation import CorrelationStats
+
+    layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]
+    layer.normaliser, layer.centring = normaliser, centring
+    g = torch.Generator().manual_seed(4)
+    a = (torch.rand(64, 5, 3, generator=g) * 0.5 + 0.25).to(dtype)
+    d = (torch.randn(64, 3, generator=g) + 0.5).to(dtype)
+    stats = CorrelationStats(5, 3)
+    stats.accumulate(a, d, layer)
+    batch = (64, d.double().mean(0)) if global_batch else None
+    probe = _LargeResultDtypes(d.numel())
+    with probe:
+        got = stats.gradient(a, d, layer, batch)
+    assert got.dtype == dtype
+    assert probe.seen <= {work, dtype}, f"activation-sized results in {probe.seen}"
+    # the reference: the same formula in float64 throughout
+    m = stats.moments()
+    a64, d64 = a.double(), d.double()
+    mu_d = d64.mean(0) if centring == "batch" else m["mean_d"]
+    sign = torch.where(m["cov"] >= 0, 1.0, -1.0)
+    sd_d = m["var_d"].sqrt()
+    dc = (d64 - mu_d)[:, None, :]
+    if normaliser == "pearson":
+        sd_a = m["var_a"].sqrt()
+        r = m["cov"] / (sd_a * sd_d)
+        want = -sign / (64 * sd_a * sd_d) * dc + sign * r / (64 * sd_a ** 2) * (a64 - m["mean_a"])
+    else:
+        want = -sign / (64 * sd_d) * dc
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())

@@ -339,6 +339,34 @@ def test_rank_mismatch_between_perforate_and_controller_is_an_error():
         apical.DendriteConfig(dendrite_rank=0)
 
 
+@pytest.mark.parametrize("rank", [0, -1, 2.5, 0.5, True, "2"])
+def test_a_layer_refuses_a_rank_that_is_not_a_positive_integer(rank):
+    layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]
+    with pytest.raises(ValueError, match="integer >= 1 or None"):
+        layer.set_rank(rank)
+    assert layer.rank is None
+    layer.set_rank(3)  # a good one still works, and None goes back to full sets
+    assert layer.rank == 3 and layer.set_parameters() == 3 * (4 + 3) + 2 * 3
+    layer.set_rank(None)
+    assert layer.rank is None and layer.set_parameters() == 3 * 4 + 2 * 3
+
+
+@pytest.mark.parametrize("holding", ["a set", "a candidate"])
+def test_a_layer_changes_its_rank_only_while_it_holds_no_set_and_no_candidate(holding):
+    layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]
+    if holding == "a set":
+        layer.install_random(1.0)
+    else:
+        layer.add_candidates(1, 1.0)
+    weights = [t.clone() for t in (layer.dendrite_weight, layer.dendrite_out)]
+    with pytest.raises(RuntimeError, match="the rank of a layer's dendrite sets can change only while it holds none"):
+        layer.set_rank(2)
+    assert layer.rank is None and (layer.num_dendrites, layer.num_candidates) == (
+        (1, 0) if holding == "a set" else (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(weights, (layer.dendrite_weight, layer.dendrite_out), strict=True))
+    layer.set_rank(None)  # the same rank is not a change: allowed
+
+
 class _Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -158,7 +158,7 @@ class DendriticLayer(nn.Module):
         if self.num_dendrites or self.num_candidates:
             raise RuntimeError("the rank of a layer's dendrite sets can change only while it holds none")
         self.rank = rank
-        self.resize(0, 0)
+        self.resize(0)
 
     def _set_shapes(self, k: int) -> dict[str, tuple[int, ...]]:
         """Shapes of ``k`` sets' input weights (``weight``) and, when low-rank, projection."""

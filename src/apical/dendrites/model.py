@@ -176,7 +176,7 @@ def _set_fast_paths(model: nn.Module, enabled: bool) -> None:
             continue
         if any(isinstance(m, DendriticLayer) for m in module.modules()):
             module.__dict__["_apical_fast_path"] = (attr, getattr(module, attr))
-            setattr(module, attr, 0 if attr == "activation_relu_or_gelu" else False)
+            setattr(module, attr, False)  # torch reads both flags by their truth value
 
 
 def perforate(model: nn.Module, config: DendriteConfig | None = None) -> nn.Module:
