@@ -106,6 +106,16 @@ def test_table_and_text_against_a_hand_written_report():
         apical.Coverage.from_rows([["fc", "Linear", 72, True, True]])
 
 
+def test_the_summary_adds_up_each_reasons_parameters_and_names_the_three_largest():
+    rows = [["fc", "Linear", 100, True, True, "wrapped (DendriticLinear)"],
+            ["a1", "Bilinear", 10, True, False, "reason A"], ["b", "Linear", 12, True, False, "reason B"],
+            ["a2", "Bilinear", 5, True, False, "reason A"], ["c", "Linear", 3, True, False, "reason C"],
+            ["d", "Linear", 1, True, False, "reason D"]]
+    rep = apical.Coverage.from_rows(rows)
+    assert rep.summary() == ("dendrites on 1 module(s) holding 76.3% of the layer parameters (100 of 131); "
+                             "left out 5 layer module(s): reason A (15); reason B (12); reason C (3)")
+
+
 def test_the_table_keeps_the_blank_name_of_a_root_that_holds_parameters():
     rows = apical.coverage(nn.Linear(2, 2)).table().splitlines()
     assert rows[1].startswith("  " + " " * len("name")) and rows[1].split()[0] == "Linear"

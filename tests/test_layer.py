@@ -484,3 +484,23 @@ def test_the_registry_protocol_of_a_dendritic_layer_class():
     wrapped = DendriticLinear.wrap(nn.Linear(3, 2))
     assert isinstance(wrapped, DendriticLinear) and wrapped.activation == "sigmoid"
     assert DendriticLinear.wrap(nn.Linear(3, 2), activation="tanh").activation == "tanh"
+
+
+def test_one_element_tensors_train_in_their_phase():
+    """One input, one neuron, one set, one candidate: every dendrite tensor has a single element, and
+    each still trains in its phase (only empty tensors never do)."""
+    layer = DendriticLinear(nn.Linear(1, 1))
+    layer.install_random(1.0)
+    sets = {"weight": layer.dendrite_weight, "bias": layer.dendrite_bias, "cascade": layer.dendrite_cascade,
+            "out": layer.dendrite_out}
+    assert {n: p.numel() for n, p in sets.items()} == dict.fromkeys(sets, 1)
+    layer.set_training_mode("neuron", perforated=False)  # gd: the sets' input weights train with v
+    assert {n: p.requires_grad for n, p in sets.items()} == dict.fromkeys(sets, True)
+    layer.set_training_mode("neuron", perforated=True)  # pb: only v
+    assert {n: p.requires_grad for n, p in sets.items()} == {"weight": False, "bias": False, "cascade": False,
+                                                               "out": True}
+    layer.add_candidates(1, 1.0)
+    layer.set_training_mode("dendrite", perforated=True)
+    cands = layer.candidate_parameters()
+    assert [p.numel() for p in cands] == [1, 1, 1] and all(p.requires_grad for p in cands)
+    assert not any(p.requires_grad for p in sets.values())

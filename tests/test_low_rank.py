@@ -4,6 +4,8 @@ choice with a shared projection, save/load and export on Linear, Conv2d and a re
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -342,7 +344,8 @@ def test_rank_mismatch_between_perforate_and_controller_is_an_error():
 @pytest.mark.parametrize("rank", [0, -1, 2.5, 0.5, True, "2"])
 def test_a_layer_refuses_a_rank_that_is_not_a_positive_integer(rank):
     layer = apical.perforate(nn.Sequential(nn.Linear(4, 3)))[0]
-    with pytest.raises(ValueError, match="integer >= 1 or None"):
+    message = f"dendrite rank must be an integer >= 1 or None, got {rank!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         layer.set_rank(rank)
     assert layer.rank is None
     layer.set_rank(3)  # a good one still works, and None goes back to full sets
@@ -359,7 +362,7 @@ def test_a_layer_changes_its_rank_only_while_it_holds_no_set_and_no_candidate(ho
     else:
         layer.add_candidates(1, 1.0)
     weights = [t.clone() for t in (layer.dendrite_weight, layer.dendrite_out)]
-    with pytest.raises(RuntimeError, match="the rank of a layer's dendrite sets can change only while it holds none"):
+    with pytest.raises(RuntimeError, match="^the rank of a layer's dendrite sets can change only while it holds none$"):
         layer.set_rank(2)
     assert layer.rank is None and (layer.num_dendrites, layer.num_candidates) == (
         (1, 0) if holding == "a set" else (0, 1))

@@ -99,6 +99,17 @@ def test_model_with_nothing_to_wrap():
         apical.perforate(nn.Sequential(nn.ReLU(), nn.Bilinear(3, 3, 3)))
 
 
+def test_perforate_refuses_a_non_module_and_a_bare_layer_by_name():
+    with pytest.raises(TypeError, match="^perforate expects an nn.Module, got dict$"):
+        apical.perforate({"fc": nn.Linear(3, 4)})
+    layer = nn.Linear(3, 4)
+    with pytest.raises(PerforationError, match=re.escape(
+            "the model itself is a single layer: put it inside a container (e.g. nn.Sequential(layer)) so that "
+            "it can be replaced in place") + "$"):
+        apical.perforate(layer)
+    assert type(layer) is nn.Linear and not list(layer.children())  # left as it was
+
+
 def test_perforating_twice_is_refused_and_unwrap_undoes():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     w = net[0].weight
