@@ -62,6 +62,13 @@ def test_perforate_logs_a_summary_and_warns_only_when_most_parameters_are_unreac
             apical.perforate(big)
     lines = [r.getMessage() for r in caplog.records if r.name == "apical"]
     assert len(lines) == 1 and lines[0].startswith("perforate: dendrites on 1 module(s)")
+    # just under half unreachable: no warning (a Bilinear(2, 2, 5) holds 25 of 25 + 30 parameters; 25/55 < 1/2)
+    n = len(recwarn)
+    apical.perforate(nn.Sequential(nn.Linear(2, 10), nn.Bilinear(2, 2, 5)))
+    assert len(recwarn) == n
+    # just over half: it warns (Bilinear(2, 2, 8): 40 of 70)
+    with pytest.warns(UserWarning, match="Most layer parameters sit in modules left out"):
+        apical.perforate(nn.Sequential(nn.Linear(2, 10), nn.Bilinear(2, 2, 8)))
     # a big layer the user excluded on purpose is not a reason to warn
     chosen = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 64))
     n = len(recwarn)

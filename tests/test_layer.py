@@ -504,3 +504,13 @@ def test_one_element_tensors_train_in_their_phase():
     cands = layer.candidate_parameters()
     assert [p.numel() for p in cands] == [1, 1, 1] and all(p.requires_grad for p in cands)
     assert not any(p.requires_grad for p in sets.values())
+
+
+def test_an_unknown_phase_is_refused_and_changes_nothing():
+    layer = DendriticLinear(nn.Linear(2, 3))
+    layer.install_random(1.0)
+    layer.set_training_mode("neuron", perforated=True)
+    for phase in ("Neuron", None, "candidates"):
+        with pytest.raises(ValueError, match=f"^phase must be 'neuron' or 'dendrite', got {phase!r}$"):
+            layer.set_training_mode(phase, perforated=False)
+    assert layer.perforated and layer.dendrite_out.requires_grad and not layer.dendrite_weight.requires_grad

@@ -327,7 +327,9 @@ class DendriticLayer(nn.Module):
             self.dendrite_proj = nn.Parameter(self.dendrite_proj.detach()[: d - 1].clone(), False)
 
     def set_training_mode(self, phase: str, perforated: bool) -> None:
-        """Set which of this layer's own dendrite tensors train in ``phase``."""
+        """Set which of this layer's own dendrite tensors train in ``phase`` ("neuron" or "dendrite")."""
+        if phase not in ("neuron", "dendrite"):
+            raise ValueError(f"phase must be 'neuron' or 'dendrite', got {phase!r}")
         self.perforated = perforated
         inputs_train = phase == "neuron" and not perforated
         # a tensor of size zero (no set installed yet, no cascade into a first candidate) never
