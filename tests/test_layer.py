@@ -514,3 +514,32 @@ def test_an_unknown_phase_is_refused_and_changes_nothing():
         with pytest.raises(ValueError, match=f"^phase must be 'neuron' or 'dendrite', got {phase!r}$"):
             layer.set_training_mode(phase, perforated=False)
     assert layer.perforated and layer.dendrite_out.requires_grad and not layer.dendrite_weight.requires_grad
+
+
+def test_a_fresh_layer_is_perforated_with_empty_frozen_tensors_in_its_base_dtype():
+    """Built directly (no perforate): pb's defaults, no set, no candidate, and every empty dendrite tensor
+    frozen and in the wrapped weight's dtype."""
+    for base, tail in ((nn.Linear(3, 4), (3,)), (nn.Conv2d(2, 4, 3), (2, 3, 3))):
+        layer = (DendriticLinear if isinstance(base, nn.Linear) else DendriticConv)(base.double())
+        assert layer.perforated is True and layer.activation == "sigmoid"
+        assert (layer.normaliser, layer.centring, layer.candidate_scale) == ("error", "batch", 1.0)
+        assert layer.rank is None and layer.stats is None and layer.base is base
+        want = {"dendrite_weight": (0, 4, *tail), "dendrite_bias": (0, 4), "dendrite_cascade": (0, 0, 4),
+                "dendrite_out": (0, 4)}
+        for name, shape in want.items():
+            p = getattr(layer, name)
+            assert (tuple(p.shape), p.dtype, p.requires_grad) == (shape, torch.float64, False), name
+        assert all(getattr(layer, n) is None for n in ("candidate_weight", "candidate_bias", "candidate_cascade",
+                                                        "dendrite_proj", "candidate_proj"))
+
+
+def test_a_module_the_class_cannot_wrap_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="^cannot wrap LazyLinear: it is a lazy layer that has not been initialised "
+                                         "yet: run one forward pass through the model first$"):
+        DendriticLinear(nn.LazyLinear(3))
+
+    class NoWeight(nn.Module):
+        weight = None
+
+    with pytest.raises(ValueError, match="^cannot wrap NoWeight: it has no weight tensor$"):
+        DendriticLinear(NoWeight())
