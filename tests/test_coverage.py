@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+import torch
 from torch import nn
 
 import apical
@@ -121,6 +122,49 @@ def test_the_summary_adds_up_each_reasons_parameters_and_names_the_three_largest
     rep = apical.Coverage.from_rows(rows)
     assert rep.summary() == ("dendrites on 1 module(s) holding 76.3% of the layer parameters (100 of 131); "
                              "left out 5 layer module(s): reason A (15); reason B (12); reason C (3)")
+
+
+def test_attention_recurrent_and_a_users_own_child_named_base():
+    """Hand-written rows: attention and GRU say wrapped with their own words; a user's child that happens
+    to be called ``base`` (not a dendritic layer's) is reported by its own status, here excluded."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.gru = nn.GRU(8, 8)
+            self.base = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+    cfg = apical.DendriteConfig(exclude=["base"])
+    net = apical.perforate(Net(), cfg)
+    rows = [r[:1] + r[2:] for r in apical.coverage(net, cfg).to_rows()]  # without the type column
+    assert rows == [
+        ["attn", 216, True, True, "wrapped (q, k, v projections)"],  # in_proj 3 * 8 * 8 + 24
+        ["attn.out_proj.base", 72, True, True, "wrapped (DendriticLinear)"],
+        ["gru", 432, True, True, "wrapped (a dendritic cell per layer and direction)"],  # 2 * 3 * 8 * 8 + 2 * 24
+        ["base", 72, True, False, "excluded by config.exclude"],
+        ["head.base", 18, True, True, "wrapped (DendriticLinear)"],
+    ]
+
+
+def test_a_users_module_named_like_an_embedding_is_a_lookup_table_not_a_layer():
+    class PositionEmbedding(nn.Module):  # not an nn.Embedding subclass: known by its name
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(10, 4))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = PositionEmbedding()
+            self.fc = nn.Linear(4, 2)
+
+    rep = apical.coverage(Net())
+    assert [(e.name, e.layer, e.reason) for e in rep.entries] == [
+        ("pos", False, "embedding: a lookup table, no neurons"),
+        ("fc", True, "supported, not wrapped (perforate has not run)")]
+    assert rep.layer_parameters == 10
 
 
 def test_the_table_keeps_the_blank_name_of_a_root_that_holds_parameters():
