@@ -167,6 +167,40 @@ def test_a_users_module_named_like_an_embedding_is_a_lookup_table_not_a_layer():
     assert rep.layer_parameters == 10
 
 
+def test_include_and_exclude_by_name_and_type_against_hand_written_statuses():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(2, 2, 1), nn.Linear(4, 4), nn.Linear(4, 2), nn.Conv2d(2, 2, 1))
+    cfg = apical.DendriteConfig(include=["0", "2", nn.Conv2d], exclude=[nn.Conv1d])
+    before = {e.name: (e.wrapped, e.reason) for e in apical.coverage(net, cfg).entries}
+    assert before == {"0": (False, "supported, not wrapped (perforate has not run)"),
+                      "1": (False, "excluded by config.exclude"),  # by type
+                      "2": (False, "supported, not wrapped (perforate has not run)"),
+                      "3": (False, "not selected by config.include"),
+                      "4": (False, "supported, not wrapped (perforate has not run)")}  # included by type
+    apical.perforate(net, cfg)
+    after = {e.name: (e.wrapped, e.reason) for e in apical.coverage(net).entries}  # no config: the reasons go
+    assert after == {"0.base": (True, "wrapped (DendriticLinear)"),
+                     "1": (False, "supported, left out by the include / exclude selection"),
+                     "2.base": (True, "wrapped (DendriticLinear)"),
+                     "3": (False, "supported, left out by the include / exclude selection"),
+                     "4.base": (True, "wrapped (DendriticConv)")}
+
+
+def test_a_module_inside_a_wrapped_one_is_reported_as_such():
+    class GainLinear(nn.Linear):  # a registered kind with a parameter-holding child of its own
+        def __init__(self):
+            super().__init__(3, 3)
+            self.gain = nn.Linear(1, 1)
+
+    apical.register_layer(GainLinear, apical.DendriticLinear)
+    try:
+        net = apical.perforate(nn.Sequential(GainLinear(), nn.Linear(3, 2)))
+    finally:
+        apical.unregister_layer(GainLinear)
+    rows = {e.name: (e.wrapped, e.reason) for e in apical.coverage(net).entries}
+    assert rows == {"0.base": (True, "wrapped (DendriticLinear)"), "0.base.gain": (False, "inside a wrapped module"),
+                    "1.base": (True, "wrapped (DendriticLinear)")}
+
+
 def test_the_table_keeps_the_blank_name_of_a_root_that_holds_parameters():
     rows = apical.coverage(nn.Linear(2, 2)).table().splitlines()
     assert rows[1].startswith("  " + " " * len("name")) and rows[1].split()[0] == "Linear"
