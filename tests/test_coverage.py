@@ -67,9 +67,18 @@ def test_perforate_logs_a_summary_and_warns_only_when_most_parameters_are_unreac
     n = len(recwarn)
     apical.perforate(nn.Sequential(nn.Linear(2, 10), nn.Bilinear(2, 2, 5)))
     assert len(recwarn) == n
-    # just over half: it warns (Bilinear(2, 2, 8): 40 of 70)
-    with pytest.warns(UserWarning, match="Most layer parameters sit in modules left out"):
+    # exactly half (Bilinear(2, 2, 6): 30 of 60): not most, no warning
+    apical.perforate(nn.Sequential(nn.Linear(2, 10), nn.Bilinear(2, 2, 6)))
+    assert len(recwarn) == n
+    # just over half (Bilinear(2, 2, 8): 40 of 70): it warns, word for word, at the caller's line
+    with pytest.warns(UserWarning) as caught:
         apical.perforate(nn.Sequential(nn.Linear(2, 10), nn.Bilinear(2, 2, 8)))
+    (w,) = caught
+    assert str(w.message) == (
+        "apical.perforate: dendrites on 1 module(s) holding 42.9% of the layer parameters (30 of 70); left out "
+        "1 layer module(s): unsupported type Bilinear (40). Most layer parameters sit in modules left out; "
+        "apical.coverage(model) says why for each")
+    assert w.filename == __file__
     # a big layer the user excluded on purpose is not a reason to warn
     chosen = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 64))
     n = len(recwarn)
