@@ -270,3 +270,41 @@ def test_an_exclusion_that_cannot_take_effect_is_an_error():
     net = build()
     apical.perforate(net, DendriteConfig(exclude=["0", "0.out_proj"]))  # inside an excluded root: fine
     assert [n for n, _ in apical.dendritic_layers(net)] == ["1"]
+
+
+LAZY = ("'0' (LazyLinear) is a lazy layer that is not initialised yet: run one forward pass through the model "
+        "first (so that it knows its input size), then perforate")
+
+
+@pytest.mark.parametrize("include", [None, ["0"], [".*"]], ids=["all", "by-name", "by-pattern"])
+def test_a_lazy_layer_is_refused_by_name_and_type_however_it_is_selected(include):
+    net = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(PerforationError, match=f"^{re.escape(LAZY)}$"):
+        apical.perforate(net, apical.DendriteConfig(include=include))
+    assert type(net[0]) is nn.LazyLinear and type(net[2]) is nn.Linear  # nothing wrapped
+
+
+def test_the_projection_inside_an_unsupported_attention_is_left_alone_by_default():
+    class MyAttention(nn.MultiheadAttention):  # reads out_proj.weight directly: wrapping it would be bypassed
+        pass
+
+    net = nn.Sequential(MyAttention(4, 2), nn.Linear(4, 2))
+    with pytest.warns(UserWarning):
+        apical.perforate(net)
+    assert type(net[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert [n for n, _ in apical.dendritic_layers(net)] == ["1"]
+
+
+def test_an_include_that_matches_only_unwrappable_modules_names_the_first_five():
+    net = nn.Sequential(*[nn.Bilinear(2, 2, 2) for _ in range(6)])
+    listed = ", ".join(f"('{i}', 'Bilinear')" for i in range(5))
+    with pytest.raises(PerforationError, match=re.escape(
+            f"include: '.*' matches only modules apical cannot wrap: [{listed}]") + "$"):
+        apical.perforate(net, apical.DendriteConfig(include=[".*"]))
+
+
+def test_an_exclude_name_after_a_type_is_still_checked():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(1, 1, 1), nn.Linear(3, 2))
+    with pytest.raises(PerforationError, match=re.escape(
+            "exclude: 'nope' matches no module of the model; names look like ['0', '1', '2']") + "$"):
+        apical.perforate(net, apical.DendriteConfig(exclude=[nn.Conv1d, "nope"]))
