@@ -308,3 +308,35 @@ def test_an_exclude_name_after_a_type_is_still_checked():
     with pytest.raises(PerforationError, match=re.escape(
             "exclude: 'nope' matches no module of the model; names look like ['0', '1', '2']") + "$"):
         apical.perforate(net, apical.DendriteConfig(exclude=[nn.Conv1d, "nope"]))
+
+
+def test_exclude_by_type_leaves_every_module_of_that_type_alone():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(1, 1, 1), nn.Linear(3, 2))
+    apical.perforate(net, apical.DendriteConfig(exclude=[nn.Conv1d]))
+    assert [n for n, _ in apical.dendritic_layers(net)] == ["0", "2"] and type(net[1]) is nn.Conv1d
+
+
+def test_an_exclude_that_matches_nothing_names_the_first_five_modules():
+    net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(7)])
+    with pytest.raises(PerforationError, match=re.escape(
+            "exclude: 'nope' matches no module of the model; names look like ['0', '1', '2', '3', '4']") + "$"):
+        apical.perforate(net, apical.DendriteConfig(exclude=["nope"]))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("proj", ["q_proj", "k_proj", "v_proj"])
+def test_a_nested_attentions_projection_is_refused_as_inside_it_and_a_linears_as_missing(proj):
+    """An attention's q/k/v projections are not modules before perforate: excluding one is refused with the
+    way out (exclude the attention); the same name under a Linear matches nothing."""
+    with pytest.raises(PerforationError, match=re.escape(
+            f"exclude: '0.attn.{proj}' sits inside '0.attn' (MultiheadAttention), which reads its weights directly "
+            "and is wrapped as a whole; exclude '0.attn' to leave it without dendrites") + "$"):
+        apical.perforate(nn.Sequential(_Block()), apical.DendriteConfig(exclude=[f"0.attn.{proj}"]))
+    with pytest.raises(PerforationError, match=re.escape(f"exclude: '0.fc.{proj}' matches no module of the model")):
+        apical.perforate(nn.Sequential(_Block()), apical.DendriteConfig(exclude=[f"0.fc.{proj}"]))
