@@ -141,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         "the ones it leaves out: tests in other processes import the unmutated package, and the torch.compile, "
         "ONNX, CLI and benchmark tests take seconds each). *Not checked* mutants were not reached before the run "
         "stopped; `make mutate-resume` continues from `benchmarks/results/mutation-state.json` (kills of unchanged "
-        "functions are kept, everything else is tested again). The kill rate is over the mutants checked.",
+        "functions are kept, everything else is tested again). The kill rate is over the mutants checked; the "
+        "*worst case* counts every unchecked mutant as a survivor, and a target it meets is met whatever the "
+        "unchecked mutants turn out to be.",
         "",
-        "| module | mutants | killed | equivalent | survived | no tests | not checked | kill rate | target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| module | mutants | killed | equivalent | survived | no tests | not checked | kill rate | worst case "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdict_ok = True
     for group, (prefix, target) in GROUPS.items():
@@ -157,19 +160,21 @@ def main(argv: list[str] | None = None) -> int:
                     tot[k] += v
             rows.append((f"**{group} (all)**", tot))
         for name, c in rows:
-            denom = c["total"] - c["equivalent"]
-            denom -= c["not checked"]
+            whole = c["total"] - c["equivalent"]
+            denom = whole - c["not checked"]
             rate = c["killed"] / denom if denom else None  # nothing checked: no rate, not 100%
+            worst = c["killed"] / whole if whole else None
             is_group = name.startswith("**") or len(mods) == 1
             mark = ""
             if is_group:
                 ok = rate is not None and rate >= target
                 verdict_ok &= ok
-                unfinished = c["not checked"] > 0
+                unfinished = c["not checked"] > 0 and not (worst is not None and worst >= target)
                 mark = f"{target:.0%} {'met' if ok else 'missed'}{' so far' if unfinished else ''}"
             shown = "n/a" if rate is None else f"{rate:.1%}"
+            low = "n/a" if worst is None else f"{worst:.1%}"
             lines.append(f"| {name} | {c['total']} | {c['killed']} | {c['equivalent']} | {c['survived']} | "
-                         f"{c['no tests']} | {c['not checked']} | {shown} | {mark} |")
+                         f"{c['no tests']} | {c['not checked']} | {shown} | {low} | {mark} |")
     lines += ["", "## Mutants not killed", ""]
     for rel in sorted(open_rows):
         lines += [f"### {rel}", "", "| function | status | original | mutant |", "|---|---|---|---|",
