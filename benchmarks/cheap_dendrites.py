@@ -44,7 +44,10 @@ REPORT = RESULTS / "cheap-dendrites.md"
 
 #: the narrow width each suite compares at (its bench suite's; tox21 and mnist5k at 1/8)
 SUITES = {"digits": 0.25, "mnist1d-mlp": 0.25, "mnist1d-cnn": 0.25, "tox21": 0.125, "digits-gru": 0.25,
-          "mnist5k": 0.125}
+          "mnist5k": 0.125, "tox21-gnn": 0.25}
+#: suites whose width-1 references (``none``, ``none-long``) another benchmark already ran with the
+#: same task, seed and settings: those records are copied (marked ``reused_from``) instead of rerun
+REFERENCE_RECORDS = {"tox21-gnn": RESULTS / "tox21-gnn" / "trial.jsonl"}
 #: pb variants: DendriteConfig overrides and the controller's selection signal
 VARIANTS: dict[str, tuple[dict, str]] = {
     "pb": ({}, "metric"),
@@ -76,6 +79,23 @@ def _append(record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _reused_reference(name: str, mode: str, seed: int, settings: dict) -> dict | None:
+    """The width-1 ``mode`` run of ``seed`` from the suite's other benchmark, if it ran it with the
+    same settings (so it is the very run this sweep would make)."""
+    path = REFERENCE_RECORDS.get(name)
+    if path is None or not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (r.get("task"), r.get("mode"), r.get("seed"), r.get("width")) == (name, mode, seed, 1.0) and \
+                r.get("settings") == settings:
+            return {k: r[k] for k in ("test", "val", "parameters", "dendrites", "epochs", "seconds")}
+    return None
+
+
 def run_suite(name: str, seeds: list[int], variants: list[str], log=print) -> None:
     narrow = SUITES[name]
     done = {(r["suite"], r["variant"], r["seed"]) for r in _read()}
@@ -89,6 +109,15 @@ def run_suite(name: str, seeds: list[int], variants: list[str], log=print) -> No
         for variant, mode, width, overrides, select_on in plan:
             if (name, variant, seed) in done:
                 continue
+            if variant in REFERENCES:
+                reused = _reused_reference(name, mode, seed, base.settings())
+                if reused is not None:
+                    source = str(REFERENCE_RECORDS[name].relative_to(ROOT))
+                    _append({"suite": name, "variant": variant, "seed": seed, "mode": mode, "width": 1.0,
+                             "rank": None, "select_on": "metric", "matched_to": None, **reused,
+                             "settings": base.settings(), "reused_from": source})
+                    log(f"{name} {variant} seed {seed}: test {reused['test']:.4f}, reused from {source}")
+                    continue
             if splits is None:
                 splits = check_splits(base, seed, base.data(seed))
             matched_to = None
@@ -157,7 +186,9 @@ def report(argv: list[str]) -> str:
              "sets with every controller decision (best network, switching, keep or revert) on the validation "
              "loss instead of the metric. `matched:V` is plain training (patience 4P) at the width whose "
              "parameter count is closest to the same seed's V run. Test score of the best validation network; "
-             "differences are paired over seeds with a 95% t interval.\n"]
+             "differences are paired over seeds with a 95% t interval. tox21-gnn's width-1 references are the "
+             "same runs as issue 14's trial (`tox21-gnn/trial.jsonl`, same task, seed and settings), copied "
+             "with `reused_from` in their records rather than trained twice.\n"]
     compass: dict[str, list[str]] = {}
     for suite in suites:
         narrow = SUITES[suite]
@@ -240,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suites", default=",".join(SUITES))
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5, help="run seeds first-seed .. seeds-1")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="skip the seeds below this one (to split a sweep over two processes)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
@@ -251,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             raise SystemExit(f"unknown suite(s) or variant(s): {bad}")
         for suite in args.suites.split(","):
-            run_suite(suite, list(range(args.seeds)), variants, log=lambda m: print(m, flush=True))
+            run_suite(suite, list(range(args.first_seed, args.seeds)), variants, log=lambda m: print(m, flush=True))
             report(argv)
     print(report(argv))
 
