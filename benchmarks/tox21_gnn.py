@@ -8,7 +8,11 @@ inside) whose layers and GRU cells carry dendrites, against fair plain baselines
 Each call is a resumable ``apical.trial`` (rerun it to continue; one JSON line per finished run in
 ``benchmarks/results/<name>/trial.jsonl``), then writes ``benchmarks/results/<name>.md``: the trial's
 tables and paired CIs, with the published numbers beside them as anchors. Widths run in the order
-given, widest first, so that a partial table holds the main comparison first.
+given, widest first, so that a partial table holds the main comparison first. A long table is
+filled in piece by piece: ``--first-seed 3 --seeds 5 --defer-matched`` in one process, ``--first-seed 5
+--seeds 7 --defer-matched`` in another, and once every seed's pb run is in, one call without
+``--defer-matched`` trains none-matched at the width of pb's mean size (``--report-only --seeds 10``
+writes the table of what has finished).
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=("random", "scaffold"), default="random")
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first..seeds-1 only (two processes can take disjoint seeds)")
+    parser.add_argument("--defer-matched", action="store_true",
+                        help="train no none-matched run now: its width is matched to every seed's pb runs, so "
+                             "train it once they have all finished (a last call without this flag)")
     parser.add_argument("--widths", default="1", help="comma-separated hidden-size multipliers (64 at width 1)")
     parser.add_argument("--modes", default="none,none-long,gd,pb")
     parser.add_argument("--report-only", action="store_true",
@@ -59,7 +68,11 @@ def main() -> None:
     widths = [float(w) for w in args.widths.split(",") if w]
     flags = [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
              for k, v in vars(args).items() if v is not False]
-    result = apical.trial(task, modes=modes, seeds=args.seeds, widths=widths, out=RESULTS / name,
+    if not 0 <= args.first_seed < args.seeds:
+        parser.error(f"--first-seed must be in 0..{args.seeds - 1}, got {args.first_seed}")
+    seeds = list(range(args.first_seed, args.seeds))
+    result = apical.trial(task, modes=modes, seeds=seeds, widths=widths, out=RESULTS / name,
+                          matched=not args.defer_matched,
                           progress=False, log=lambda m: print(m, flush=True),
                           command="python benchmarks/tox21_gnn.py " + " ".join(flags), report_only=args.report_only)
     body = (RESULTS / name / "trial.md").read_text()

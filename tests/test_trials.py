@@ -363,9 +363,41 @@ def test_report_only_writes_the_table_of_the_runs_so_far_and_trains_nothing(tmp_
     task = load_task_file(TASK_FILE).with_settings(max_epochs=4)
     apical.trial(task, modes=("none",), seeds=2, out=tmp_path)  # a trial stopped after its none runs
     monkeypatch.setattr(trial_runner, "train", lambda *a, **k: pytest.fail("report_only must not train"))
+    records = tmp_path / "trial.jsonl"
+    with records.open("a") as fh:  # a run of other settings, and a torn line another process is writing
+        fh.write(json.dumps({"mode": "none", "seed": 5, "for_width": 1.0, "settings": {"lr": 9}}) + '\n{"mo')
+    before = records.read_bytes()
     result = apical.trial(task, modes=("none", "pb"), seeds=2, out=tmp_path, report_only=True)
+    assert records.read_bytes() == before and not (tmp_path / "trial.jsonl.previous").exists()
     assert [r["mode"] for r in result.records] == ["none", "none"]
     assert "| none | 2 |" in (tmp_path / "trial.md").read_text()
+
+
+def test_matched_false_defers_none_matched_until_every_seed_has_its_pb_run(tmp_path, monkeypatch):
+    """A trial filled in seed by seed with matched=False trains no none-matched run; the last call
+    trains it once, at the width matched to the mean of every seed's pb parameters."""
+    task = load_task_file(TASK_FILE).with_settings(max_epochs=4)
+    trained: list[tuple[str, int]] = []
+    real_train = trial_runner.train
+
+    def counting(task_, mode, seed, *a, **k):
+        trained.append((mode, seed))
+        return real_train(task_, mode, seed, *a, **k)
+
+    monkeypatch.setattr(trial_runner, "train", counting)
+    apical.trial(task, modes=("none", "pb"), seeds=[1], out=tmp_path, matched=False)
+    apical.trial(task, modes=("none", "pb"), seeds=[0], out=tmp_path, matched=False)
+    assert sorted(trained) == [("none", 0), ("none", 1), ("pb", 0), ("pb", 1)]
+    trained.clear()
+    result = apical.trial(task, modes=("none", "pb"), seeds=2, out=tmp_path)
+    assert sorted(trained) == [("none-matched", 0), ("none-matched", 1)]
+    pb = [r["parameters"] for r in result.records if r["mode"] == "pb"]
+    widths = {r["width"] for r in result.records if r["mode"] == "none-matched"}
+    assert widths == {matched_width(task, 1.0, sum(pb) / 2)}
+    # a report of the deferred state lists the runs so far without training
+    trained.clear()
+    again = apical.trial(task, modes=("none", "pb"), seeds=2, out=tmp_path, matched=False)
+    assert trained == [] and len(again.records) == 6
 
 
 def test_select_on_loss_gives_the_controller_the_validation_loss():

@@ -109,7 +109,7 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
           progress: bool = True, report: bool = True, log: Callable[[str], None] | None = None,
           command: str | None = None,
           run_options: Callable[[str, int, float], Mapping[str, Any]] | None = None,
-          report_only: bool = False) -> TrialResult:
+          report_only: bool = False, matched: bool = True) -> TrialResult:
     """Train ``task`` in every mode on the same seeds, at every width, and compare the modes.
 
     ``none-matched`` is added whenever gd or pb runs: plain training (none-long's patience) at the
@@ -120,7 +120,9 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
     curves and compression plots. ``seeds``: a count (seeds 0..N-1) or the seeds themselves.
     ``run_options(mode, seed, width)``: extra keyword arguments of a run's training (``on_epoch``,
     ``run_dir``: see :func:`apical.trials.run.train`). ``report_only``: train nothing; write the
-    report of the runs already in ``out`` (a partial table of an unfinished trial).
+    report of the runs already in ``out`` (a partial table of an unfinished trial). ``matched=False``:
+    train no ``none-matched`` run in this call, only report those already in ``out``; its width
+    depends on every seed's pb runs, so a trial filled in piece by piece trains it once, last.
     """
     if not isinstance(task, Task):
         raise TaskError(f"trial() needs an apical.Task, got {type(task).__name__}")
@@ -144,14 +146,15 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
         path = out_dir / RECORDS
         found = jsonl.read(path)
         kept = [r for r in found if r.get("settings") == settings]
-        if len(kept) < len(found) and any(r.get("settings") != settings for r in found):
-            shutil.copyfile(path, path.with_name(RECORDS + ".previous"))
-            say(f"{len(found) - len(kept)} record(s) of other settings moved aside to {RECORDS}.previous")
-        jsonl.rewrite(path, kept)  # drops a torn last line, so appends start on a fresh line
+        if not report_only:  # a report leaves the records alone (another process may be appending)
+            if len(kept) < len(found):
+                shutil.copyfile(path, path.with_name(RECORDS + ".previous"))
+                say(f"{len(found) - len(kept)} record(s) of other settings moved aside to {RECORDS}.previous")
+            jsonl.rewrite(path, kept)  # drops a torn last line, so appends start on a fresh line
         done = {(r["mode"], int(r["seed"]), float(r["for_width"])): r for r in kept}
 
     first = [(m, s, w) for w in width_list for s in seed_list for m in modes if m != MATCHED]
-    total = len(first) + (len(seed_list) * len(width_list) if MATCHED in modes else 0)
+    total = len(first) + (len(seed_list) * len(width_list) if MATCHED in modes and matched else 0)
     bar = _progress(total, progress)
     if bar is not None and log is not None and not bar.disable:
         say = bar.write  # log lines above the bar
@@ -162,7 +165,7 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
         key = (mode, seed, for_width)
         if key in done:
             results[key] = done[key]
-        elif report_only:
+        elif report_only or (mode == MATCHED and not matched):
             return
         else:
             if seed not in split_cache:
@@ -190,12 +193,13 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
                 target_mode = "pb" if "pb" in modes else "gd"
                 counts = [results[(target_mode, s, width)]["parameters"] for s in seed_list
                           if (target_mode, s, width) in results]
-                matched = None if report_only else matched_width(task, width, sum(counts) / len(counts))
+                target = (None if report_only or not matched or not counts
+                          else matched_width(task, width, sum(counts) / len(counts)))
                 for seed in seed_list:
                     key = (MATCHED, seed, width)
-                    if matched is not None and key in done and float(done[key]["width"]) != matched:
+                    if target is not None and key in done and float(done[key]["width"]) != target:
                         del done[key]  # matched to other pb runs (fewer seeds then): trained again
-                    run(MATCHED, seed, width, matched if matched is not None else width)
+                    run(MATCHED, seed, width, target if target is not None else width)
     finally:
         if bar is not None:
             bar.close()
