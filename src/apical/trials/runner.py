@@ -193,7 +193,7 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
                 target_mode = "pb" if "pb" in modes else "gd"
                 counts = [results[(target_mode, s, width)]["parameters"] for s in seed_list
                           if (target_mode, s, width) in results]
-                target = (None if report_only or not matched or not counts
+                target = (None if report_only or not matched
                           else matched_width(task, width, sum(counts) / len(counts)))
                 for seed in seed_list:
                     key = (MATCHED, seed, width)
