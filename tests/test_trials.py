@@ -435,3 +435,19 @@ def test_select_on_loss_gives_the_controller_the_validation_loss():
     assert kept["metric"] == pytest.approx(max(accuracy), abs=1e-6)
     with pytest.raises(ValueError, match="select_on"):
         train(task, "none", 0, 1.0, splits, select_on="val")
+
+
+def test_rewriting_unchanged_records_leaves_the_file_alone(tmp_path):
+    """Two processes starting side by side on one trial must not replace each other's file."""
+    from apical.trials import records as jsonl
+
+    path = tmp_path / "trial.jsonl"
+    rows = [{"mode": "none", "seed": 0, "test": 0.5}, {"mode": "pb", "seed": 1, "test": 0.75}]
+    jsonl.rewrite(path, rows)
+    inode = path.stat().st_ino
+    jsonl.rewrite(path, rows)
+    assert path.stat().st_ino == inode  # not replaced
+    path.write_text(path.read_text() + '{"mode": "gd", "se')  # a torn last line is dropped
+    jsonl.rewrite(path, jsonl.read(path))
+    assert jsonl.read(path) == rows and path.read_text().endswith("\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial.jsonl"]

@@ -28,11 +28,17 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 
 def rewrite(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Replace ``path`` by exactly ``records`` (atomically: a kill leaves the old or the new file)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Replace ``path`` by exactly ``records`` (atomically: a kill leaves the old or the new file).
+
+    A file that already holds exactly these lines is left alone, so that processes starting side by
+    side on one trial (disjoint seeds) do not replace each other's file; the temporary file is per process.
+    """
+    text = "".join(json.dumps(record, default=float) + "\n" for record in records)
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as fh:
-        for record in records:
-            fh.write(json.dumps(record, default=float) + "\n")
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
