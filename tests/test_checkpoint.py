@@ -24,6 +24,7 @@ import safetensors.torch as st
 import torch
 from torch import nn
 
+import apical._io as apical_io
 import apical.checkpoint as ck
 from apical.checkpoint import CheckpointError, load, save
 from apical.dendrites import Controller, DendriteConfig, DendriticLinear, dendritic_layers, perforate, structure
@@ -606,7 +607,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(data, tmp_path, monkeypatch):
         raise KeyboardInterrupt  # e.g. Ctrl-C between the write and the rename
 
     with monkeypatch.context() as m:
-        m.setattr(ck, "_write_file", half_then_crash)
+        m.setattr(apical_io, "_write_file", half_then_crash)
         with pytest.raises(OSError, match="No space"):
             save(path, model, ctl, opt, extra=_extra(gen, 5))
     assert path.read_bytes() == good

@@ -55,7 +55,6 @@ configuration, replays the growth record and loads the weights.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -63,7 +62,6 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 from collections import defaultdict
 from collections.abc import Mapping
@@ -74,6 +72,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from apical._io import atomic_write
 from apical.dendrites.config import ACTIVATIONS, CENTRING, NORMALISERS, DendriteConfig
 from apical.dendrites.controller import _COUNTERS, STATE_VERSION, Controller
 from apical.dendrites.correlation import CorrelationStats
@@ -273,44 +272,6 @@ def _digest(metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
 
 
 # ---------------------------------------------------------------------------------- save
-def _write_file(f: Any, data: bytes) -> None:
-    """Write the whole file and push it to stable storage."""
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory; the file itself was synced
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the target's directory, flush + fsync, os.replace, fsync the directory."""
-    directory = path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_file(f, data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
 def _layer_info(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {
         name: {"activation": layer.activation, "normaliser": layer.normaliser, "centring": layer.centring,
@@ -416,7 +377,7 @@ def save(path: str | os.PathLike, model: nn.Module, controller: Controller | Non
         "coverage": _json_dumps(coverage(model, controller.config if controller is not None else None).to_rows()),
     }
     metadata["sha256"] = _digest(metadata, packer.tensors)
-    _atomic_write(path, safetensors.torch.save(packer.tensors, metadata=metadata))
+    atomic_write(path, safetensors.torch.save(packer.tensors, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------- read

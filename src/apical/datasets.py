@@ -20,7 +20,6 @@ import importlib.resources
 import io
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from apical._io import atomic_write
 from apical.metrics import masked_bce_with_logits as masked_bce_loss
 from apical.metrics import roc_auc as roc_auc_mean
 from apical.metrics import roc_auc_per_task
@@ -111,18 +111,9 @@ def cache_dir() -> Path:
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an ``.npz`` file so that readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    atomic_write(path, buffer.getvalue())
 
 
 def _cached(filename: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -25,17 +25,17 @@ during training. (:func:`apical.inspection.inspect_text` describes a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import secrets
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from apical._io import atomic_write
 
 __all__ = ["RunRecord", "plot_run", "read_history", "read_summary"]
 
@@ -49,21 +49,6 @@ _SUMMARY_EVERY_S = 60.0
 
 
 # ---------------------------------------------------------------------------------- files
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temporary file beside ``path``, then ``os.replace``: readers see the old or the new file."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -283,7 +268,7 @@ class RunRecord:
             cells[-1] = old.get(tuple(cells[:-1]), "")
             rows.append(cells)
         rows.append(row)
-        _atomic_write_text(self.history_path, _csv_text([header, *rows]))
+        atomic_write(self.history_path, _csv_text([header, *rows]))
         self._rows = rows
 
     def _append(self, lines: list[list[str]]) -> None:
@@ -333,7 +318,7 @@ class RunRecord:
 
     def _write_summary(self, controller: Any) -> None:
         text = json.dumps(_finite(self.summary(controller)), indent=2, allow_nan=False, default=str)
-        _atomic_write_text(self.summary_path, text + "\n")
+        atomic_write(self.summary_path, text + "\n")
         self._last_summary = time.perf_counter()
 
 

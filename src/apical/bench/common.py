@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from apical._io import atomic_write
 from apical.stats import mean_std, paired_ci, t95
 
 __all__ = ["DEFAULT_OUT", "header", "machine", "markdown_table", "mean_std", "paired_ci", "t95", "write_json"]
@@ -57,9 +58,7 @@ def markdown_table(header_row: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=float))
 
 
 @torch.no_grad()

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from apical._io import atomic_write
+
 
 def read(path: Path) -> list[dict[str, Any]]:
     """The complete records of ``path``; a torn or garbled line (a run killed while writing) is skipped."""
@@ -31,17 +33,12 @@ def rewrite(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     """Replace ``path`` by exactly ``records`` (atomically: a kill leaves the old or the new file).
 
     A file that already holds exactly these lines is left alone, so that processes starting side by
-    side on one trial (disjoint seeds) do not replace each other's file; the temporary file is per process.
+    side on one trial (disjoint seeds) do not replace each other's file.
     """
     text = "".join(json.dumps(record, default=float) + "\n" for record in records)
     if path.is_file() and path.read_text() == text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def append(path: Path, record: Mapping[str, Any]) -> None:
