@@ -13,6 +13,10 @@ filled in piece by piece: ``--first-seed 3 --seeds 5 --defer-matched`` in one pr
 --seeds 7 --defer-matched`` in another, and once every seed's pb run is in, one call without
 ``--defer-matched`` trains none-matched at the width of pb's mean size (``--report-only --seeds 10``
 writes the table of what has finished).
+
+``--paper-switching`` trains only pb (4x the neuron-phase patience) in its own folder and compares it,
+paired by seed, with the main trial's none-long and pb runs of the same split and seeds (the plain runs
+do not depend on the dendrite settings, so they are not trained twice).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import torch
 
 import apical
 from apical import tasks
+from apical.bench.common import markdown_table
+from apical.trials import records as jsonl
+from apical.trials.stats import compare
 
 RESULTS = Path("benchmarks/results")
 ANCHORS = """## Anchors (published, not measured here)
@@ -40,6 +47,34 @@ ANCHORS = """## Anchors (published, not measured here)
 SCAFFOLD_ANCHORS = (
     "| TorchDrug pre-training benchmark, 10 splits | its GNN without pre-training | scaffold 80/10/10 "
     "| 0.750 ± 0.002 |\n")
+
+
+def _without_dendrites(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "dendrites"}
+
+
+def against_main_trial(paper: list[dict], main_records: Path, widths: list[float], higher_is_better: bool) -> str:
+    """Paired comparisons of pb with the paper's switching ("pb-paper") against the main trial's none-long
+    and pb runs, read from ``main_records``: same seeds, and the same settings but for the dendrites'."""
+    same = [_without_dendrites(r["settings"]) for r in paper]
+    main = [r for r in jsonl.read(main_records)
+            if r["mode"] in ("none-long", "pb") and _without_dendrites(r.get("settings", {})) in same]
+    combined = main + [{**r, "mode": "pb-paper"} for r in paper]
+    lines = ["## pb with the paper's switching against the main trial\n",
+             f"pb-paper is this trial's pb (4x the neuron-phase patience); none-long and pb are the runs of "
+             f"`{main_records.parent.name}/` on the same seeds (default switching).\n"]
+    rows = []
+    for width in widths:
+        for baseline in ("none-long", "pb"):
+            c = compare(combined, "pb-paper", baseline, width, higher_is_better)
+            if c is not None:
+                rows.append([f"{width:g}", baseline, str(c.n), f"{c.diff:+.4f}",
+                             "n/a" if c.n < 2 else f"[{c.lo:+.4f}, {c.hi:+.4f}]", f"{c.wins}/{c.n}", c.verdict])
+    if not rows:
+        return lines[0] + "\nNo seed has both a pb-paper run and a main-trial run yet.\n"
+    lines.append(markdown_table(["width", "pb-paper vs", "seeds", "mean diff", "95% CI", "seeds better", "verdict"],
+                                rows))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -64,7 +99,7 @@ def main() -> None:
     name = task.name
     if args.paper_switching:
         task = task.with_settings(dendrites={"patience": 4 * task.patience})
-        modes, name = ["none-long", "pb"], f"{task.name}-paper-switching"
+        modes, name = ["pb"], f"{task.name}-paper-switching"
     widths = [float(w) for w in args.widths.split(",") if w]
     flags = [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
              for k, v in vars(args).items() if v is not False]
@@ -81,6 +116,9 @@ def main() -> None:
                             "--report-only to continue.**\n\n## ", 1)
     for png in ("curves.png", "compression.png"):
         body = body.replace(f"]({png})", f"]({name}/{png})")
+    if args.paper_switching:
+        body = body.rstrip() + "\n\n" + against_main_trial(result.records, RESULTS / task.name / "trial.jsonl",
+                                                            widths, task.higher_is_better)
     anchors = ANCHORS + (SCAFFOLD_ANCHORS if args.split == "scaffold" else "")
     (RESULTS / f"{name}.md").write_text(body.rstrip() + "\n\n" + anchors)
     print(f"wrote {RESULTS / (name + '.md')} ({len(result.records)} runs)")
