@@ -11,10 +11,11 @@ tables and paired CIs, with the published numbers beside them as anchors. Widths
 given, widest first, so that a partial table holds the main comparison first. A long table is
 filled in piece by piece: ``--first-seed 3 --seeds 5 --defer-matched`` in one process, ``--first-seed 5
 --seeds 7 --defer-matched`` in another, and once every seed's pb run is in, one call without
-``--defer-matched`` trains none-matched at the width of pb's mean size (``--report-only --seeds 10``
-writes the table of what has finished).
+``--defer-matched`` trains none-matched at the width of pb's mean size over seeds 0..N-1 (two processes
+can share that too: ``--seeds 5 --matched-to-seeds 10`` and ``--first-seed 5 --seeds 10`` both match to all
+ten seeds; ``--report-only --seeds 10`` writes the table of what has finished).
 
-``--paper-switching`` trains only pb (4x the neuron-phase patience) in its own folder and compares it,
+``--paper-switching`` trains only pb (4x the neuron-phase patience; no none-matched) in its own folder and compares it,
 paired by seed, with the main trial's none-long and pb runs of the same split and seeds (the plain runs
 do not depend on the dendrite settings, so they are not trained twice).
 """
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--defer-matched", action="store_true",
                         help="train no none-matched run now: its width is matched to every seed's pb runs, so "
                              "train it once they have all finished (a last call without this flag)")
+    parser.add_argument("--matched-to-seeds", type=int, default=None,
+                        help="none-matched's width is matched to the pb runs of seeds 0..N-1 (default: --seeds), "
+                             "so that processes with disjoint seeds train it at one width")
     parser.add_argument("--widths", default="1", help="comma-separated hidden-size multipliers (64 at width 1)")
     parser.add_argument("--modes", default="none,none-long,gd,pb")
     parser.add_argument("--report-only", action="store_true",
@@ -107,7 +111,8 @@ def main() -> None:
         parser.error(f"--first-seed must be in 0..{args.seeds - 1}, got {args.first_seed}")
     seeds = list(range(args.first_seed, args.seeds))
     result = apical.trial(task, modes=modes, seeds=seeds, widths=widths, out=RESULTS / name,
-                          matched=not args.defer_matched,
+                          matched=not (args.defer_matched or args.paper_switching),
+                          matched_to=list(range(args.matched_to_seeds or args.seeds)),
                           progress=False, log=lambda m: print(m, flush=True),
                           command="python benchmarks/tox21_gnn.py " + " ".join(flags), report_only=args.report_only)
     body = (RESULTS / name / "trial.md").read_text()

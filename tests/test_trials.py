@@ -400,6 +400,42 @@ def test_matched_false_defers_none_matched_until_every_seed_has_its_pb_run(tmp_p
     assert trained == [] and len(again.records) == 6
 
 
+def test_matched_to_lets_disjoint_seeds_train_none_matched_at_the_whole_trials_width(tmp_path, monkeypatch):
+    """Two calls with disjoint seeds and matched_to=[0, 1] train one none-matched run each, at the width
+    matched to the mean of both seeds' pb runs (what one call over both seeds uses); a seed of
+    matched_to without its pb run is refused before anything is trained."""
+    task = load_task_file(TASK_FILE).with_settings(max_epochs=4)
+    apical.trial(task, modes=("none", "pb"), seeds=[0, 1], out=tmp_path, matched=False)
+    path = tmp_path / "trial.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:  # as if seed 0's pb run had kept more sets than seed 1's
+        if r["mode"] == "pb" and r["seed"] == 0:
+            r["parameters"] *= 4
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    trained: list[tuple[str, int, float]] = []
+    real_train = trial_runner.train
+
+    def counting(task_, mode, seed, width, *a, **k):
+        trained.append((mode, seed, width))
+        return real_train(task_, mode, seed, width, *a, **k)
+
+    monkeypatch.setattr(trial_runner, "train", counting)
+    with pytest.raises(ValueError, match=r"seed\(s\) \[2\] have no pb run"):
+        apical.trial(task, modes=("none", "pb"), seeds=[1], out=tmp_path, matched_to=[0, 1, 2])
+    assert trained == []
+    apical.trial(task, modes=("none", "pb"), seeds=[1], out=tmp_path, matched_to=[0, 1])
+    apical.trial(task, modes=("none", "pb"), seeds=[0], out=tmp_path, matched_to=[0, 1])
+    pb = {r["seed"]: r["parameters"] for r in records if r["mode"] == "pb"}
+    want = matched_width(task, 1.0, (pb[0] + pb[1]) / 2)
+    assert want not in (matched_width(task, 1.0, pb[0]), matched_width(task, 1.0, pb[1]))
+    assert trained == [("none-matched", 1, want), ("none-matched", 0, want)]
+    trained.clear()
+    result = apical.trial(task, modes=("none", "pb"), seeds=2, out=tmp_path)  # the whole trial: nothing to redo
+    assert trained == [] and len(result.records) == 6
+    with pytest.raises(ValueError, match="matched_to needs out"):
+        apical.trial(task, modes=("none", "pb"), seeds=[0], out=None, matched_to=[0])
+
+
 def test_select_on_loss_gives_the_controller_the_validation_loss():
     """train(select_on="loss"): every controller decision reads the validation cross-entropy (lower
     is better), computed here by hand after each epoch; the default reads the metric."""

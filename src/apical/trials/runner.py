@@ -109,7 +109,8 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
           progress: bool = True, report: bool = True, log: Callable[[str], None] | None = None,
           command: str | None = None,
           run_options: Callable[[str, int, float], Mapping[str, Any]] | None = None,
-          report_only: bool = False, matched: bool = True) -> TrialResult:
+          report_only: bool = False, matched: bool = True,
+          matched_to: Sequence[int] | None = None) -> TrialResult:
     """Train ``task`` in every mode on the same seeds, at every width, and compare the modes.
 
     ``none-matched`` is added whenever gd or pb runs: plain training (none-long's patience) at the
@@ -123,6 +124,9 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
     report of the runs already in ``out`` (a partial table of an unfinished trial). ``matched=False``:
     train no ``none-matched`` run in this call, only report those already in ``out``; its width
     depends on every seed's pb runs, so a trial filled in piece by piece trains it once, last.
+    ``matched_to``: the seeds whose pb (or gd) runs set ``none-matched``'s width (default: this call's
+    seeds); their runs must already be in ``out``. Processes taking disjoint seeds of one trial then
+    train their ``none-matched`` runs side by side, at the width the whole trial's call would use.
     """
     if not isinstance(task, Task):
         raise TaskError(f"trial() needs an apical.Task, got {type(task).__name__}")
@@ -133,6 +137,11 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ValueError(f"seeds must be a positive count or distinct seeds, got {seeds!r}")
+    match_seeds = seed_list if matched_to is None else [int(s) for s in matched_to]
+    if not match_seeds or len(set(match_seeds)) != len(match_seeds):
+        raise ValueError(f"matched_to must be distinct seeds, got {matched_to!r}")
+    if matched_to is not None and out is None:
+        raise ValueError("matched_to needs out: the runs of its seeds are read from out/trial.jsonl")
     width_list = [float(w) for w in widths]
     if not width_list or any(not (math.isfinite(w) and w > 0) for w in width_list):
         raise ValueError(f"widths must be positive numbers, got {list(widths)!r}")
@@ -191,8 +200,13 @@ def trial(task: Task, modes: Sequence[str] = ("none", "none-long", "gd", "pb"), 
         if MATCHED in modes:
             for width in width_list:
                 target_mode = "pb" if "pb" in modes else "gd"
-                counts = [results[(target_mode, s, width)]["parameters"] for s in seed_list
-                          if (target_mode, s, width) in results]
+                known = {**done, **results}
+                counts = [known[(target_mode, s, width)]["parameters"] for s in match_seeds
+                          if (target_mode, s, width) in known]
+                missing = [s for s in match_seeds if (target_mode, s, width) not in known]
+                if matched_to is not None and missing and matched and not report_only:
+                    raise ValueError(f"matched_to: seed(s) {missing} have no {target_mode} run at width {width:g} "
+                                     f"in {path}; train them first (matched=False), then the none-matched runs")
                 target = (None if report_only or not matched
                           else matched_width(task, width, sum(counts) / len(counts)))
                 for seed in seed_list:
