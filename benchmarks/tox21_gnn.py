@@ -106,7 +106,7 @@ def main() -> None:
         modes, name = ["pb"], f"{task.name}-paper-switching"
     widths = [float(w) for w in args.widths.split(",") if w]
     flags = [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
-             for k, v in vars(args).items() if v is not False]
+             for k, v in vars(args).items() if v is not False and v is not None]
     if not 0 <= args.first_seed < args.seeds:
         parser.error(f"--first-seed must be in 0..{args.seeds - 1}, got {args.first_seed}")
     seeds = list(range(args.first_seed, args.seeds))
